@@ -110,7 +110,7 @@ def main(argv=None):
         print("note:   " + args.note)
     sys.stdout.flush()
 
-    from tqdm import tqdm
+    tqdm = _progress_bar()
 
     total = sum(len(common.providers(c, device, not args.no_compile)) for _, c in cases)
     failed = 0
@@ -140,6 +140,38 @@ def main(argv=None):
         for path in plot.plot(args.out, run_id=None if args.no_save else run_id):
             print("plot:", path)
     return 0
+
+
+class _PlainProgress:
+    """The few tqdm calls used above, as plain lines on stderr (when tqdm is not installed)."""
+
+    def __init__(self, total, **_):
+        self.total, self.done = total, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.done += n
+
+    def set_postfix_str(self, text):
+        print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def write(text, file=None):
+        print(text, file=file or sys.stdout)
+
+
+def _progress_bar():
+    try:
+        from tqdm import tqdm
+
+        return tqdm
+    except ImportError:
+        return _PlainProgress
 
 
 if __name__ == "__main__":
