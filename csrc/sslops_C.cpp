@@ -45,6 +45,11 @@ TORCH_LIBRARY(sslops, m) {
   // P·Xa^1..P·Xa^{n-1}), all in fp32 (fp64 for fp64). Xu and Xa also feed the convergence guard.
   m.def("matrix_ssl_fwd_cxx(Tensor p, Tensor z, float lambd, float mu, float gamma, int order) -> (Tensor loss, Tensor xu, Tensor pa, Tensor xa, Tensor saved)");
   m.def("matrix_ssl_bwd_cxx(Tensor grad, Tensor p, Tensor z, Tensor xu, Tensor pa, Tensor xa, Tensor saved, float lambd, float mu, float gamma, int order, bool need_p, bool need_z) -> (Tensor grad_p, Tensor grad_z)");
+  // Matrix cross-entropy tr(-P log Q + Q), P and Q general (K, K): the loss, X = Q - I and the
+  // chain P·X^1..P·X^{n-1} stacked ((n-1, K, K)), all fp32 (fp64 for fp64); X feeds the guard.
+  // The backward returns (dL/dP, dL/dQ)·grad in the inputs' dtype (zeros where not needed).
+  m.def("matrix_mce_fwd_cxx(Tensor p, Tensor q, int order) -> (Tensor loss, Tensor x, Tensor saved)");
+  m.def("matrix_mce_bwd_cxx(Tensor grad, Tensor p, Tensor x, Tensor saved, int order, bool need_p, bool need_q) -> (Tensor grad_p, Tensor grad_q)");
 }
 
 namespace {

@@ -42,6 +42,8 @@ def test_exports_and_signatures():
     for name in ("matrix_log", "matrix_cross_entropy"):
         kw = {k: v.default for k, v in inspect.signature(getattr(sslops, name)).parameters.items() if v.kind is v.KEYWORD_ONLY}
         assert kw["order"] == 4 and kw["method"] == "taylor"
+    kw = {k: v.default for k, v in inspect.signature(sslops.matrix_cross_entropy).parameters.items() if v.kind is v.KEYWORD_ONLY}
+    assert kw["backend"] == "auto" and kw["check"] == "raise"
 
 
 def _cases(dtype, seed=0):
@@ -63,7 +65,7 @@ def _cases(dtype, seed=0):
          lambda t: reference.info_nce_loss(t[0], pairs=pairs), (za,)),
         ("nt_xent", lambda **kw: sslops.nt_xent_loss(za, zb, **kw), lambda t: reference.nt_xent_loss(*t), (za, zb)),
         ("matrix_ssl", lambda **kw: sslops.matrix_ssl_loss(za, zb, **kw), lambda t: reference.matrix_ssl_loss(*t), (za, zb)),
-        ("mce", lambda **kw: sslops.matrix_cross_entropy(p, q, **{k: v for k, v in kw.items() if k != "backend"}),
+        ("mce", lambda **kw: sslops.matrix_cross_entropy(p, q, **kw),
          lambda t: reference.matrix_cross_entropy(*t), (p, q)),
     ]
 
@@ -157,7 +159,7 @@ def test_environment_selects_backend(monkeypatch):
 
 
 def test_auto_never_picks_unverified_gpu_kernels_or_interpreted_triton():
-    for loss in ("vicreg", "vicreg_relation", "barlow_twins", "info_nce", "matrix_ssl"):
+    for loss in ("vicreg", "vicreg_relation", "barlow_twins", "info_nce", "matrix_ssl", "matrix_cross_entropy"):
         assert sslops._backend.resolve(loss, "auto", torch.device("cpu")) in ("cpu", "reference")
         kernels = sslops._backend._KERNELS[loss]
         order = sslops._backend._auto_order(loss, torch.device("cuda"), ((64, 64),))

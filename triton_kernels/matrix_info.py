@@ -24,6 +24,14 @@ Saved: Xu, P, Xa and the forward's products (Xu^2..Xu^h, A_1..A_{n-1}), K×K eac
 recomputed. Per call, order 4: forward 6NK² + 8K³ flops (+2K² per fused trace), backward
 8NK² + 8K³; bytes ~ 4NK·(dtype + 2·4) + 12·4K² (fp32 accumulators).
 
+Matrix cross-entropy MCE(P, Q) = tr(-P log Q + Q), P and Q general K×K, X = Q - I
+(``mce_forward``/``mce_backward``, same math as ``mce_forward``/``mce_backward`` in the C++
+header): L = -Σ_k c_k tr(P X^k) + tr Q with tr(P X^k) = Σ_ij (A_{k-1})_ij X_ji along the
+chain A_j = A_{j-1} X (_mm_trace_kernel traces each product in its epilogue; tr(P X) by
+_trace_dot_kernel). Gradient dL/dP = -f(X)ᵀ, f = Σ_k c_k X^k (Paterson–Stockmeyer, ``_poly``),
+dL/dQ = -Gᵀ + I, G = Σ_m X^m D_m, D_m = Σ_j c_{m+j+1} A_j (Horner in X). Saved: X and
+A_1..A_{n-1}. Order 4: 3 K×K products forward, 2 (P) + 3 (Q) backward.
+
 Launchers allocate outputs, pick block sizes, launch; no autograd, no host syncs (the
 per-tile trace partials are summed on the device in a fixed order: deterministic).
 """
@@ -309,3 +317,46 @@ def ssl_backward(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p,
         gzc.addmm_(pc, q.T, alpha=-lambd)
         gz = _normalize_backward(z, gzc.mul_(scale), 0)
     return (gp if gp is not None else zeros(p)), (gz if gz is not None else zeros(z))
+
+
+def mce_forward(p, q, order):
+    """(loss, X, saved), the same contract as ``torch.ops.sslops.matrix_mce_fwd_cxx``."""
+    k = p.shape[0]
+    acc = _acc(p.dtype)
+    pa = p.to(acc).contiguous()
+    qa = q.to(acc)
+    x = _eye_add(qa, -1.0).contiguous()
+    saved = torch.empty((order - 1, k, k), dtype=acc, device=p.device)
+    terms = [qa.diagonal().sum(), -_coeff(1) * trace_dot(pa, x)]
+    prev = pa
+    for kk in range(2, order + 1):
+        _, t = mm_trace(prev, x, x, out=saved[kk - 2])  # A_{kk-1} = A_{kk-2}·X, traced against X
+        prev = saved[kk - 2]
+        terms.append(-_coeff(kk) * t)
+    return torch.stack(terms).sum(), x, saved
+
+
+def mce_backward(grad, p, x, saved, order, need_p, need_q):
+    """(dp, dq), the same contract as ``torch.ops.sslops.matrix_mce_bwd_cxx``."""
+    g = grad.to(x.dtype)  # stays on the device (no host sync)
+    h = (order + 1) // 2
+    out = lambda: torch.zeros(p.shape, dtype=p.dtype, device=p.device)  # noqa: E731
+    dp = dq = None
+    if need_p:
+        pw = [x]
+        for _ in range(2, h + 1):
+            pw.append(mm_trace(pw[-1], x)[0])
+        nf = _poly(pw, [0.0] + [-_coeff(kk) for kk in range(1, order + 1)])  # -f(X)
+        dp = (nf.T * g).to(p.dtype).contiguous()
+    if need_q:
+        chain = [p.to(x.dtype).contiguous()] + [saved[j - 1] for j in range(1, order)]
+        r = None
+        for m in range(order - 1, -1, -1):  # -G + I: D̃_m = -Σ_j c_{m+j+1} A_j (+ I for m = 0)
+            dm = chain[0].mul(-_coeff(m + 1))
+            for j in range(1, order - m):
+                dm.add_(chain[j], alpha=-_coeff(m + j + 1))
+            if m == 0:
+                dm.diagonal().add_(1.0)
+            r = dm if r is None else dm.add_(mm_trace(x, r)[0])
+        dq = (r.T * g).to(p.dtype).contiguous()
+    return (dp if dp is not None else out()), (dq if dq is not None else out())

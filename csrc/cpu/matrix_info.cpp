@@ -9,7 +9,11 @@
 //                       trace_dot_sym for symmetric B reads both row-major
 //   lincomb             Σ c_i T_i + d·I in one pass (strided operands by 64×64 tiles)
 //   normalize_backward  dx = (g - x̂ (x̂·g)) / ‖x‖ row-wise (g / 1e-12 below the clamp), 5NK flops
-// Per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops (symmetric half-blocks; 6NK² for K < 128), backward
+// Matrix cross-entropy (mce_forward/mce_backward in matrix_info_impl.h) reuses trace_dot,
+// trace and lincomb: forward (n-1)·2K³ flops + n trace_dots (2K² each), backward
+// (h-1 + PS products)·2K³ for p and (n-1)·2K³ for q plus ~n²/2 K² lincomb reads; saved
+// X and A_1..A_{n-1} (n K×K matrices).
+// Matrix-SSL per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops (symmetric half-blocks; 6NK² for K < 128), backward
 // 8NK² + 4·2K³ flops (4NK² when only p needs a gradient); memory beyond the inputs: the
 // N×2K centred rows (recomputed, not saved) and 3 + (h-1) + (n-1) = 7 saved K×K matrices.
 #include <torch/extension.h>
@@ -287,10 +291,21 @@ std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at:
   return matrix_info::ssl_backward<CpuDev>(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p, need_z);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_fwd_cpu(const at::Tensor& p, const at::Tensor& q, int64_t order) {
+  return matrix_info::mce_forward<CpuDev>(p, q, order);
+}
+
+std::tuple<at::Tensor, at::Tensor> mce_bwd_cpu(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& x,
+                                               const at::Tensor& saved, int64_t order, bool need_p, bool need_q) {
+  return matrix_info::mce_backward<CpuDev>(grad, p, x, saved, order, need_p, need_q);
+}
+
 }  // namespace
 }  // namespace sslops
 
 TORCH_LIBRARY_IMPL(sslops, CPU, m) {
   m.impl("matrix_ssl_fwd_cxx", &sslops::ssl_fwd_cpu);
   m.impl("matrix_ssl_bwd_cxx", &sslops::ssl_bwd_cpu);
+  m.impl("matrix_mce_fwd_cxx", &sslops::mce_fwd_cpu);
+  m.impl("matrix_mce_bwd_cxx", &sslops::mce_bwd_cpu);
 }

@@ -226,6 +226,86 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
   return {gp, gz};
 }
 
+// ---------------------------------------------------------------------------------------
+// Matrix cross-entropy MCE(P, Q) = tr(-P log Q + Q), log Q by the order-n Taylor series.
+// P and Q are general K×K matrices (not necessarily symmetric); X = Q - I.
+//   L = -Σ_k c_k tr(P X^k) + tr Q,  A_0 = P, A_j = A_{j-1} X,  tr(P X^k) = Dev::trace_dot(A_{k-1}, X)
+// Gradients (never through the chain; d tr(P X^k) = Σ_{i<k} tr(X^{k-1-i} P X^i dX)):
+//   dL/dP = -f(X)ᵀ,  f(X) = Σ_k c_k X^k                     (Paterson–Stockmeyer, X..X^h)
+//   dL/dQ = -Gᵀ + I, G = Σ_{m<n} X^m D_m, D_m = Σ_{j=0}^{n-1-m} c_{m+j+1} A_j   (Horner in X)
+// Both are formed negated (-f, -G + I: the I folded into the last Horner block), so one
+// pass scales them by the incoming gradient (a device tensor) into the input dtype.
+// Saved: X and A_1..A_{n-1}. K×K products: forward n-1, backward (h-1) + (products of
+// `poly`) for P and n-1 for Q (order 4: 3 forward, 2 + 3 backward).
+
+// Forward. Returns (loss, X, saved) with X = Q - I (acc dtype) and saved = [A_1..A_{n-1}].
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_forward(const at::Tensor& p, const at::Tensor& q, int64_t order) {
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == p.size(1) && p.sizes() == q.sizes(),
+              "matrix_mce_fwd_cxx: p and q must be square (K, K) of one shape");
+  TORCH_CHECK(p.scalar_type() == q.scalar_type(), "matrix_mce_fwd_cxx: p and q must have one dtype");
+  TORCH_CHECK(order >= 1, "matrix_mce_fwd_cxx: order must be >= 1");
+  const int64_t k = p.size(0);
+  const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opt = p.options().dtype(acc);
+  const at::Tensor pa = p.to(acc), qa = q.to(acc);  // no copy when already in the acc dtype
+  const at::Tensor x = combine<Dev>({{1.0, qa}}, -1.0, k, opt);
+  at::Tensor saved = at::empty({order - 1, k, k}, opt);
+  at::Tensor loss = Dev::trace(qa);  // + tr Q
+  at::Tensor prev = pa;
+  for (int64_t kk = 1; kk <= order; ++kk) {
+    if (kk > 1) {
+      at::Tensor dst = saved[kk - 2];
+      at::mm_out(dst, prev, x);
+      prev = dst;
+    }
+    loss.add_(Dev::trace_dot(prev, x), -taylor_coeff(kk));
+  }
+  return {loss, x, saved};
+}
+
+// Backward: (dL/dP, dL/dQ) times `grad`, in the inputs' dtype (zeros where not needed).
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor> mce_backward(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& x,
+                                                const at::Tensor& saved, int64_t order, bool need_p, bool need_q) {
+  TORCH_CHECK(order >= 1, "matrix_mce_bwd_cxx: order must be >= 1");
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == order - 1, "matrix_mce_bwd_cxx: saved must hold order - 1 matrices");
+  const int64_t k = p.size(0);
+  const auto opt = x.options();
+  const at::Tensor g = grad.to(x.scalar_type()).reshape({});
+  const auto out_opt = p.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dp, dq;
+  if (need_p) {  // -f(X), f(X) = Σ_k c_k X^k
+    const int64_t h = half_order(order);
+    std::vector<at::Tensor> pw{x};
+    for (int64_t i = 2; i <= h; ++i) pw.push_back(at::mm(pw.back(), x));
+    std::vector<double> fa(order + 1, 0.0);
+    for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = -taylor_coeff(kk);
+    const at::Tensor nf = poly<Dev>(pw, fa);
+    dp = at::empty({k, k}, out_opt);
+    at::mul_out(dp, nf.t(), g);
+  } else {
+    dp = at::zeros({k, k}, out_opt);
+  }
+  if (need_q) {  // -G + I by Horner: D̃_m + X·(...), one GEMM with beta = 1 per step
+    const at::Tensor pa = p.to(x.scalar_type());
+    std::vector<at::Tensor> chain{pa};
+    for (int64_t j = 1; j < order; ++j) chain.push_back(saved[j - 1]);
+    at::Tensor r;
+    for (int64_t m = order - 1; m >= 0; --m) {
+      std::vector<Term> terms;
+      for (int64_t j = 0; j <= order - 1 - m; ++j) terms.push_back({-taylor_coeff(m + j + 1), chain[j]});
+      at::Tensor dm = combine<Dev>(terms, m == 0 ? 1.0 : 0.0, k, opt);
+      r = m == order - 1 ? dm : dm.addmm_(x, r);
+    }
+    dq = at::empty({k, k}, out_opt);
+    at::mul_out(dq, r.t(), g);
+  } else {
+    dq = at::zeros({k, k}, out_opt);
+  }
+  return {dp, dq};
+}
+
 // Device-generic fallbacks built from ATen ops (used by the CUDA kernels' Dev).
 inline void lincomb_aten(at::Tensor out, const std::vector<Term>& terms, double diag) {
   out.zero_();

@@ -10,7 +10,9 @@
 //                              memory so both reads coalesce), one fp64 partial per tile,
 //                              summed by at::sum in a fixed order: deterministic
 //   normalize_backward_kernel  one block per row: dx = g·(G - x̂(x̂·G)) / ‖x‖, g read on the device
-// Per call, order 4: forward 5NK² + 8K³ flops (6NK² for K < 128), backward 8NK² + 8K³; traffic beyond the
+// Matrix cross-entropy (mce_forward/mce_backward of the same header) uses trace_dot_kernel for
+// tr(A_{k-1}·X) and ATen for the rest: order 4 is 3 K×K products forward, 5 backward.
+// Matrix-SSL per call, order 4: forward 5NK² + 8K³ flops (6NK² for K < 128), backward 8NK² + 8K³; traffic beyond the
 // GEMMs ~ 3 passes over N×K and 2K² per trace. Not yet run on a GPU (cuda_verified=False).
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -180,10 +182,23 @@ std::tuple<at::Tensor, at::Tensor> ssl_bwd_cuda(const at::Tensor& grad, const at
   return matrix_info::ssl_backward<CudaDev>(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p, need_z);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_fwd_cuda(const at::Tensor& p, const at::Tensor& q, int64_t order) {
+  c10::DeviceGuard guard(p.device());
+  return matrix_info::mce_forward<CudaDev>(p, q, order);
+}
+
+std::tuple<at::Tensor, at::Tensor> mce_bwd_cuda(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& x,
+                                                const at::Tensor& saved, int64_t order, bool need_p, bool need_q) {
+  c10::DeviceGuard guard(p.device());
+  return matrix_info::mce_backward<CudaDev>(grad, p, x, saved, order, need_p, need_q);
+}
+
 }  // namespace
 }  // namespace sslops
 
 TORCH_LIBRARY_IMPL(sslops, CUDA, m) {
   m.impl("matrix_ssl_fwd_cxx", &sslops::ssl_fwd_cuda);
   m.impl("matrix_ssl_bwd_cxx", &sslops::ssl_bwd_cuda);
+  m.impl("matrix_mce_fwd_cxx", &sslops::mce_fwd_cuda);
+  m.impl("matrix_mce_bwd_cxx", &sslops::mce_bwd_cuda);
 }

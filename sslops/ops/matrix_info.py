@@ -1,4 +1,4 @@
-r"""Custom ops of the matrix-information family: Matrix-SSL (and its convergence guard).
+r"""Custom ops of the matrix-information family: Matrix-SSL, matrix cross-entropy (and their convergence guard).
 
 One direction of Matrix-SSL (SPEC §4), rows L2-normalised, J the centring by column means,
 c_k = (-1)^{k+1}/k, n = ``order``:
@@ -27,10 +27,29 @@ Ops:
 * ``sslops::matrix_info_ssl_backward(grad, p, z, Xu, P, Xa, saved, ...)`` → (dp, dz) in the
   inputs' dtype.
 
+Matrix cross-entropy (:func:`sslops.matrix_cross_entropy`, ``method="taylor"``), P and Q
+general K×K, X = Q - I:
+
+.. math::
+
+    \mathcal L = -\textstyle\sum_{k\le n} c_k\,\mathrm{tr}(P X^k) + \mathrm{tr}\,Q,\qquad
+    \partial\mathcal L/\partial P = -f(X)^\top,\quad
+    \partial\mathcal L/\partial Q = -G^\top + I
+
+with f(X) = Σ_k c_k X^k and G = Σ_{m<n} X^m D_m, D_m = Σ_{j≤n-1-m} c_{m+j+1} A_j (the chain
+A_j = P X^j; Horner in X). Forward n - 1 K×K products (each traced, never log Q),
+backward about 2(n - 1); saved X and A_1..A_{n-1}.
+
+* ``sslops::matrix_info_mce_forward(p, q, order, backend)`` → (loss, X, saved): loss fp32
+  (fp64 for fp64), X = Q - I and the chain stacked ((n-1, K, K)) in the same dtype.
+* ``sslops::matrix_info_mce_backward(grad, p, X, saved, order, need_p, need_q, backend)`` →
+  (dp, dq) in the inputs' dtype (zeros for an input that needs none).
+
 Backends: ``"cpu"`` and ``"cuda"`` call the C++ ops ``matrix_ssl_fwd_cxx``/``_bwd_cxx``
+(``matrix_mce_fwd_cxx``/``_bwd_cxx`` for MCE)
 (the device picks the kernel), ``"triton"`` the launchers of
 ``sslops.triton_kernels.matrix_info``. The guard (``sslops.matrix_guard``) runs on the
-returned X_u and X_a (= Q - I for both logarithms), so it costs no extra product.
+returned X_u and X_a (= Q - I for both logarithms; X for MCE), so it costs no extra product.
 """
 
 from typing import Tuple
@@ -40,7 +59,7 @@ from torch import Tensor
 
 from .. import _backend, _extension, matrix_guard
 
-__all__ = ["matrix_ssl", "guard_matrices"]
+__all__ = ["matrix_ssl", "guard_matrices", "matrix_cross_entropy", "mce_guard_matrices"]
 
 
 def _acc(dtype):
@@ -148,3 +167,85 @@ _impls = {"triton": _kernel("triton"), "cuda": _kernel("cuda")}
 if _extension.LOADED:
     _impls["cpu"] = _kernel("cpu")
 _backend.register_kernels("matrix_ssl", _impls, cuda_verified=False, triton_verified=False)  # neither has run on a GPU yet
+
+
+# ----------------------------------------------------------------------------- matrix cross-entropy
+
+
+def _mce_impl(backend):
+    if backend == "triton":
+        from ..triton_kernels import matrix_info as tk
+
+        return tk.mce_forward, tk.mce_backward
+    return torch.ops.sslops.matrix_mce_fwd_cxx, torch.ops.sslops.matrix_mce_bwd_cxx
+
+
+@torch.library.custom_op("sslops::matrix_info_mce_forward", mutates_args=())
+def _mce_forward(p: Tensor, q: Tensor, order: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    fwd, _ = _mce_impl(backend)
+    return tuple(fwd(p, q, order))
+
+
+@_mce_forward.register_fake
+def _(p, q, order, backend):
+    acc = _acc(p.dtype)
+    k = p.shape[0]
+    return p.new_empty((), dtype=acc), p.new_empty((k, k), dtype=acc), p.new_empty((order - 1, k, k), dtype=acc)
+
+
+@torch.library.custom_op("sslops::matrix_info_mce_backward", mutates_args=())
+def _mce_backward(
+    grad: Tensor, p: Tensor, x: Tensor, saved: Tensor, order: int, need_p: bool, need_q: bool, backend: str
+) -> Tuple[Tensor, Tensor]:
+    _, bwd = _mce_impl(backend)
+    gp, gq = bwd(grad, p, x, saved, order, need_p, need_q)
+    return gp, gq
+
+
+@_mce_backward.register_fake
+def _(grad, p, x, saved, order, need_p, need_q, backend):
+    return torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(p, memory_format=torch.contiguous_format)
+
+
+def _mce_setup_context(ctx, inputs, output):
+    p, q, order, backend = inputs
+    _, x, saved = output
+    ctx.save_for_backward(p, x, saved)
+    ctx.params = (order, backend)
+    ctx.mark_non_differentiable(x, saved)
+
+
+def _mce_backward_rule(ctx, g_loss, g_x, g_saved):
+    p, x, saved = ctx.saved_tensors
+    order, backend = ctx.params
+    need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gp, gq = _mce_backward(g_loss, p, x, saved, order, need_p, need_q, backend)
+    return (gp if need_p else None), (gq if need_q else None), None, None
+
+
+_mce_forward.register_autograd(_mce_backward_rule, setup_context=_mce_setup_context)
+
+
+def mce_guard_matrices(x):
+    """The (X = Q - I, what, argument, hint) list the convergence guard checks for MCE."""
+    return [(x, "Q = q", "q", " (the series needs every eigenvalue of Q within distance 1 of 1)")]
+
+
+def matrix_cross_entropy(p, q, *, order, backend, check="off"):
+    """Matrix cross-entropy tr(-P log Q + Q), log Q by the series, on ``backend``, guarded by ``check``."""
+    loss, x, _ = _mce_forward(p, q, int(order), backend)
+    return matrix_guard.guard(loss, mce_guard_matrices(x), check, "matrix_cross_entropy")
+
+
+def _mce_kernel(backend):
+    def run(p, q, *, order, check="off"):
+        return matrix_cross_entropy(p, q, order=order, backend=backend, check=check)
+
+    run.__name__ = f"matrix_cross_entropy_{backend}"
+    return run
+
+
+_mce_impls = {"triton": _mce_kernel("triton"), "cuda": _mce_kernel("cuda")}
+if _extension.LOADED:
+    _mce_impls["cpu"] = _mce_kernel("cpu")
+_backend.register_kernels("matrix_cross_entropy", _mce_impls, cuda_verified=False, triton_verified=False)  # not run on a GPU yet
