@@ -452,3 +452,215 @@ def test_opcheck_triton():
     out = ops._ssl_forward(p.detach(), z.detach(), 0.7, 1.0, 1.3, 4, "triton")
     g = torch.tensor(1.5, device=device)
     torch.library.opcheck(ops._ssl_backward, (g, p.detach(), z.detach(), *out[1:], 0.7, 1.0, 1.3, 4, True, False, "triton"))
+
+
+# ----------------------------------------------------------------------------- matrix cross-entropy kernels
+
+MCE_CPU = [b for b in kernel_backends("matrix_cross_entropy", "cpu") if b == "cpu"]
+needs_mce_cpu = pytest.mark.skipif(not MCE_CPU, reason="sslops._C (the C++ CPU kernels) is not built")
+
+
+def _mce_inputs(k, dtype=torch.float32, device="cpu", seed=0, rho=0.6):
+    """Non-symmetric P and Q = I + X with ‖X‖₂ = rho (so ρ(Q - I) ≤ rho < 1), made in float64."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(k, k, generator=g, dtype=torch.float64)
+    x = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    x = rho * x / torch.linalg.matrix_norm(x, 2)
+    q = torch.eye(k, dtype=torch.float64) + x
+    return p.to(device=device, dtype=dtype), q.to(device=device, dtype=dtype)
+
+
+def _mce_reference(p, q, grad_out, order):
+    """Float64 reference loss and gradients on the (already rounded) inputs."""
+    p64 = p.detach().double().cpu().requires_grad_()
+    q64 = q.detach().double().cpu().requires_grad_()
+    loss = reference.matrix_cross_entropy(p64, q64, order=order)
+    gp, gq = torch.autograd.grad(loss * grad_out, (p64, q64))
+    return loss.detach(), gp, gq
+
+
+def _mce_check(backend, k, order, dtype=torch.float32, device="cpu", seed=0, contiguous=True, grad_out=0.7):
+    p, q = _mce_inputs(k, dtype, device, seed)
+    if not contiguous:
+        p, q = noncontiguous(p), noncontiguous(q)
+    pr, qr = p.clone().requires_grad_(), q.clone().requires_grad_()
+    loss = sslops.matrix_cross_entropy(pr, qr, order=order, backend=backend)
+    gp, gq = torch.autograd.grad(loss * grad_out, (pr, qr))
+    ref, rgp, rgq = _mce_reference(p, q, grad_out, order)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert gp.dtype == dtype and gq.dtype == dtype and gp.shape == (k, k) and gq.shape == (k, k)
+    assert_close(loss, ref, dtype, f"mce loss (order {order}, K {k})", scale=max(1.0, abs(float(ref))))
+    assert_close(gp, rgp, dtype, f"mce grad p (order {order}, K {k})", scale=max(1.0, float(rgp.abs().max())))
+    assert_close(gq, rgq, dtype, f"mce grad q (order {order}, K {k})", scale=max(1.0, float(rgq.abs().max())))
+
+
+@needs_mce_cpu
+@pytest.mark.parametrize("k", [1, 3, 17, 129])
+def test_mce_cpu_matches_reference(k):
+    for order in range(1, 9):
+        _mce_check("cpu", k, order, torch.float64, seed=10 * k + order)
+        _mce_check("cpu", k, order, torch.float32, seed=10 * k + order + 1)
+
+
+@needs_mce_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mce_cpu_half_precision(dtype):
+    for order in (1, 4):
+        _mce_check("cpu", 17, order, dtype, seed=order)
+
+
+@needs_mce_cpu
+def test_mce_cpu_noncontiguous():
+    _mce_check("cpu", 17, 4, torch.float32, contiguous=False, seed=4)
+    _mce_check("cpu", 33, 5, torch.float64, contiguous=False, seed=5)
+    # a strided slice (every other row and column) as well as transposed storage
+    p, q = _mce_inputs(24, torch.float64, seed=6)
+    big_p = torch.zeros(48, 48, dtype=torch.float64)
+    big_q = torch.zeros(48, 48, dtype=torch.float64)
+    big_p[::2, ::2], big_q[::2, ::2] = p, q
+    pv, qv = big_p[::2, ::2].requires_grad_(), big_q[::2, ::2]
+    loss = sslops.matrix_cross_entropy(pv, qv, order=3, backend="cpu")
+    (gp,) = torch.autograd.grad(loss * 1.3, (pv,))
+    ref, rgp, _ = _mce_reference(p, q, 1.3, 3)
+    torch.testing.assert_close(loss, ref, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gp, rgp, rtol=1e-11, atol=1e-11)
+
+
+@needs_mce_cpu
+@pytest.mark.parametrize("order", [1, 4])
+def test_mce_cpu_only_one_input_needs_grad(order):
+    p, q = _mce_inputs(17, torch.float64, seed=7)
+    ref, rgp, rgq = _mce_reference(p, q, 1.9, order)
+    pr = p.clone().requires_grad_()
+    (gp,) = torch.autograd.grad(sslops.matrix_cross_entropy(pr, q, order=order, backend="cpu") * 1.9, (pr,))
+    torch.testing.assert_close(gp, rgp, rtol=1e-11, atol=1e-11)
+    qr = q.clone().requires_grad_()
+    (gq,) = torch.autograd.grad(sslops.matrix_cross_entropy(p, qr, order=order, backend="cpu") * 1.9, (qr,))
+    torch.testing.assert_close(gq, rgq, rtol=1e-11, atol=1e-11)
+    # the backward op leaves the gradient nobody asked for at zero (and computes it not)
+    loss, x, saved = torch.ops.sslops.matrix_mce_fwd_cxx(p, q, order)
+    g = torch.tensor(1.9, dtype=torch.float64)
+    dp, dq = torch.ops.sslops.matrix_mce_bwd_cxx(g, p, x, saved, order, True, False)
+    torch.testing.assert_close(dp, rgp, rtol=1e-11, atol=1e-11)
+    assert not dq.any()
+    dp, dq = torch.ops.sslops.matrix_mce_bwd_cxx(g, p, x, saved, order, False, True)
+    torch.testing.assert_close(dq, rgq, rtol=1e-11, atol=1e-11)
+    assert not dp.any()
+
+
+@needs_mce_cpu
+def test_mce_cpu_saved_chain_and_nan():
+    p, q = _mce_inputs(6, torch.float64, seed=8)
+    loss, x, saved = torch.ops.sslops.matrix_mce_fwd_cxx(p, q, 5)
+    torch.testing.assert_close(x, q - torch.eye(6, dtype=torch.float64), rtol=0, atol=0)
+    assert saved.shape == (4, 6, 6)
+    for j in range(1, 5):
+        torch.testing.assert_close(saved[j - 1], p @ torch.linalg.matrix_power(x, j))
+    assert torch.ops.sslops.matrix_mce_fwd_cxx(p, q, 1)[2].shape == (0, 6, 6)
+    p[2, 3] = float("nan")
+    assert torch.isnan(sslops.matrix_cross_entropy(p, q, backend="cpu"))
+
+
+@needs_mce_cpu
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_mce_opcheck_cpu(requires_grad):
+    for order in (1, 4):
+        p, q = _mce_inputs(5, seed=order)
+        p, q = p.requires_grad_(requires_grad), q.requires_grad_(requires_grad)
+        torch.library.opcheck(ops._mce_forward, (p, q, order, "cpu"))
+        _, x, saved = ops._mce_forward(p.detach(), q.detach(), order, "cpu")
+        g = torch.tensor(1.5)
+        torch.library.opcheck(ops._mce_backward, (g, p.detach(), x, saved, order, True, True, "cpu"))
+        torch.library.opcheck(ops._mce_backward, (g, p.detach(), x, saved, order, False, True, "cpu"))
+
+
+@needs_mce_cpu
+def test_mce_gradcheck_float64_cpu():
+    p, q = _mce_inputs(4, torch.float64, seed=9)
+    p, q = p.requires_grad_(), q.requires_grad_()
+    for order in (1, 3, 4):
+        torch.autograd.gradcheck(lambda a, b: sslops.matrix_cross_entropy(a, b, order=order, backend="cpu"), (p, q))
+
+
+@needs_mce_cpu
+def test_mce_compile_fullgraph_cpu():
+    p, q = _mce_inputs(9, seed=10)
+    p = p.requires_grad_()
+    compiled = torch.compile(lambda a, b: sslops.matrix_cross_entropy(a, b, order=4, backend="cpu"), fullgraph=True, backend="aot_eager")
+    loss = compiled(p, q)
+    (gp,) = torch.autograd.grad(loss * 1.7, (p,))
+    ref, rgp, _ = _mce_reference(p, q, 1.7, 4)
+    assert_close(loss, ref, torch.float32, "compiled mce", scale=max(1.0, abs(float(ref))))
+    assert_close(gp, rgp, torch.float32, "compiled mce grad")
+    bad = q + 2.0 * torch.eye(9)  # ρ(Q - I) ≥ 2: check="raise" acts as "nan" while compiling
+    assert torch.isnan(compiled(p.detach(), bad))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + MCE_CPU)
+def test_mce_guard_through_backend(backend):
+    p, q = _mce_inputs(7, torch.float64, seed=11)
+    bad = q.clone()
+    bad[3, 3] += 1.5  # an eigenvalue of Q - I moves past 1 (ρ ≥ 1)
+    with pytest.raises(ValueError, match=r"matrix_cross_entropy.*argument q"):
+        sslops.matrix_cross_entropy(p, bad, backend=backend)
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        sslops.matrix_cross_entropy(p, bad, backend=backend, check="warn")
+    assert torch.isnan(sslops.matrix_cross_entropy(p, bad, backend=backend, check="nan"))
+    assert torch.isfinite(sslops.matrix_cross_entropy(p, bad, backend=backend, check="off"))
+    radius_one = torch.diag(torch.tensor([1.0, 0.0, 1.5], dtype=torch.float64))  # ρ(Q - I) = 1 exactly
+    with pytest.raises(ValueError, match="argument q"):
+        sslops.matrix_cross_entropy(radius_one, radius_one, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = sslops.matrix_cross_entropy(p, q, backend=backend)
+    torch.testing.assert_close(sslops.matrix_cross_entropy(p, q, backend=backend, check="nan"), good)
+
+
+def test_mce_auto_picks_cpu_kernel_on_cpu():
+    if not MCE_CPU:
+        pytest.skip("sslops._C is not built")
+    assert sslops._backend.resolve("matrix_cross_entropy", "auto", torch.device("cpu")) == "cpu"
+    p, q = _mce_inputs(5, torch.float64, seed=12)
+    torch.testing.assert_close(sslops.matrix_cross_entropy(p, q), sslops.matrix_cross_entropy(p, q, backend="reference"),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("k", [1, 3, 17, 40])
+def test_mce_triton_matches_reference(k):
+    device = "cpu" if INTERPRET else "cuda"
+    orders = range(1, 9) if k == 17 else (1, 4)
+    for order in orders:
+        _mce_check("triton", k, order, torch.float32, device=device, seed=k + order)
+    _mce_check("triton", k, 3, torch.float64, device=device, seed=k + 20)
+
+
+@pytest.mark.triton
+def test_mce_triton_dtypes_noncontiguous_one_grad_guard():
+    device = "cpu" if INTERPRET else "cuda"
+    _mce_check("triton", 9, 4, torch.bfloat16, device=device, seed=1)
+    _mce_check("triton", 9, 5, torch.float32, device=device, contiguous=False, seed=2)
+    p, q = _mce_inputs(9, torch.float64, device, seed=3)
+    ref, rgp, rgq = _mce_reference(p, q, 0.8, 4)
+    pr = p.clone().requires_grad_()
+    (gp,) = torch.autograd.grad(sslops.matrix_cross_entropy(pr, q, backend="triton") * 0.8, (pr,))
+    torch.testing.assert_close(gp.cpu(), rgp, rtol=1e-11, atol=1e-11)
+    qr = q.clone().requires_grad_()
+    (gq,) = torch.autograd.grad(sslops.matrix_cross_entropy(p, qr, backend="triton") * 0.8, (qr,))
+    torch.testing.assert_close(gq.cpu(), rgq, rtol=1e-11, atol=1e-11)
+    bad = q.clone()
+    bad[4, 4] += 1.5
+    with pytest.raises(ValueError, match="argument q"):
+        sslops.matrix_cross_entropy(p, bad, backend="triton")
+    assert torch.isnan(sslops.matrix_cross_entropy(p, bad, backend="triton", check="nan"))
+
+
+@pytest.mark.triton
+def test_mce_opcheck_triton():
+    device = "cpu" if INTERPRET else "cuda"
+    p, q = _mce_inputs(5, device=device, seed=4)
+    p, q = p.requires_grad_(), q.requires_grad_()
+    torch.library.opcheck(ops._mce_forward, (p, q, 4, "triton"))
+    _, x, saved = ops._mce_forward(p.detach(), q.detach(), 4, "triton")
+    g = torch.tensor(1.5, device=device)
+    torch.library.opcheck(ops._mce_backward, (g, p.detach(), x, saved, 4, True, True, "triton"))
