@@ -16,14 +16,13 @@ TORCH_LIBRARY(sslops, m) {
   // ---- covariance family: VICReg, VICReg relation, Barlow Twins (issue 3)
   // (csrc/cpu/covariance.cpp, csrc/cuda/covariance.cu; wrapped by sslops/ops/covariance.py)
   // route: 0 = by shape, 1 = K×K product, 2 = N×N Gram product. Outputs in fp32 (fp64 for fp64).
-  // VICReg, one view: terms = [Σ_k relu(1 - sqrt(var_k + eps)), Σ_{j≠k} Cov_jk²], mean, m2.
-  m.def("vicreg_view_forward_cxx(Tensor z, float eps, int route, bool save) -> (Tensor terms, Tensor mean, Tensor m2, Tensor prod)");
+  // VICReg, one view: terms = [Σ_k relu(1 - sqrt(var_k + eps)), Σ_{j≠k} Cov_jk², Σ (z - other)²], mean, m2;
+  // the invariance sum is taken in the pass that computes the column means (0 when other is None).
+  m.def("vicreg_view_forward_cxx(Tensor z, Tensor? other, float eps, int route, bool save) -> (Tensor terms, Tensor mean, Tensor m2, Tensor prod)");
   // save: also return the product the backward needs (prod: N×N Gram on route 2, K×K covariance
   // on route 1; (0, 0) when not saved, the backward then recomputes it).
   // dz = coef[0]·∂terms[0] + coef[1]·∂terms[1] + coef[2]·(z - other)   (other may be None)
   m.def("vicreg_view_backward_cxx(Tensor z, Tensor? other, Tensor mean, Tensor m2, Tensor prod, Tensor coef, float eps, int route) -> Tensor");
-  // Σ (a - b)², a 0-d tensor.
-  m.def("sq_diff_sum_cxx(Tensor a, Tensor b) -> Tensor");
   // Barlow Twins loss, the batch-norm statistics of both views, and the saved products
   // (Gram route: ÂÂᵀ, B̂B̂ᵀ; K×K route: c = ÂᵀB̂ and an empty tensor).
   m.def("barlow_twins_forward_cxx(Tensor z_a, Tensor z_b, float lambd, float eps, int route, bool save) -> (Tensor loss, Tensor mean_a, Tensor rstd_a, Tensor mean_b, Tensor rstd_b, Tensor prod_a, Tensor prod_b)");

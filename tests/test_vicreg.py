@@ -148,6 +148,77 @@ def test_vicreg_large_mean_is_centred_accurately():
     _check(loss, ref, torch.float32, "loss", scale=3.0)
 
 
+# ----------------------------------------------------------------------------- invariance MSE (fused in the forward)
+
+
+def _view_forward(backend, z, other, route=0, save=False):
+    """The per-view forward kernel of a backend: (terms (3,), mean, m2, prod)."""
+    return cov_ops._kernels(backend).vicreg_view_forward(z, other, 1e-4, route or cov_ops.vicreg_route(*z.shape), save)
+
+
+# odd N, K; one shape per route; under the interpreter sizes straddling the 16-wide blocks
+MSE_SHAPES = {"cpu": [(97, 129), (1025, 3), (3, 1)], "triton": [(17, 40), (33, 33)]}
+MSE_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+MSE_REL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6}  # inputs exact in the dtype: accumulation only
+
+
+def _mse_cases():
+    out = []
+    for b in (CPU, TRITON):
+        for n, k in MSE_SHAPES[b.values[0]]:
+            for dt in MSE_DTYPES:
+                out.append(pytest.param(b.values[0], n, k, dt, marks=b.marks, id=f"{b.values[0]}-{n}x{k}-{str(dt)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,n,k,dtype", _mse_cases())
+@pytest.mark.parametrize("coeffs", [(25.0, 0.0, 0.0), (100.0, 0.5, 0.02)], ids=["inv-only", "inv-dominant"])
+def test_vicreg_invariance_mse_fused_in_forward(backend, n, k, dtype, coeffs):
+    """Loss dominated by (or made only of) the invariance MSE, z_b non-contiguous, against float64."""
+    device = _device(backend)
+    z_a, z_b = _two_view_inputs(n, k, dtype, device, seed=3 * n + k)
+    z_b = noncontiguous((z_b.double() * 1.5 - 0.25).to(dtype))  # larger differences, shifted
+    sim, std, cov = coeffs
+    params = dict(sim_coeff=sim, std_coeff=std, cov_coeff=cov, eps=1e-4)
+    loss, (ga, gb) = _grads(lambda a, b: sslops.vicreg_loss(a, b, backend=backend, **params), (z_a, z_b), grad_out=-0.8)
+    ref, (ra, rb) = _grads(lambda a, b: reference.vicreg_loss(a, b, **params), (z_a.double(), z_b.double()), grad_out=-0.8)
+    rel = abs(loss.double().item() - ref.item()) / abs(ref.item())
+    limit = MSE_REL[dtype] * (1.0 if coeffs[1] == 0.0 else 50.0)  # the var/cov terms carry their own rounding
+    assert rel < limit, f"loss {loss.item()} vs {ref.item()} (rel {rel:.2e})"
+    _check(ga, ra, dtype, "grad z_a")
+    _check(gb, rb, dtype, "grad z_b")
+    # the fused sum itself, against Σ(z_a - z_b)² in float64
+    terms = _view_forward(backend, z_a, z_b)[0]
+    want = (z_a.double() - z_b.double()).pow(2).sum()
+    assert abs(terms[2].double().item() - want.item()) <= MSE_REL[dtype] * want.item()
+    assert _view_forward(backend, z_b, None)[0][2].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", [CPU, TRITON])
+def test_vicreg_nan_in_second_view_only(backend):
+    device = _device(backend)
+    z_a, z_b = _two_view_inputs(9, 7, torch.float32, device, seed=13)
+    z_b[4, 6] = float("nan")
+    assert torch.isnan(sslops.vicreg_loss(z_a, z_b, backend=backend))
+    assert torch.isnan(sslops.vicreg_loss(z_a, z_b, sim_coeff=1.0, std_coeff=0.0, cov_coeff=0.0, backend=backend))
+    terms = _view_forward(backend, z_a, z_b)[0]  # z_a's own terms stay finite, the fused sum is NaN
+    assert torch.isfinite(terms[:2]).all() and torch.isnan(terms[2])
+
+
+@pytest.mark.parametrize("backend", [CPU, TRITON])
+def test_vicreg_fused_sum_is_deterministic(backend):
+    device = _device(backend)
+    z_a, z_b = _two_view_inputs(41, 37, torch.float32, device, seed=17)
+    first = _view_forward(backend, z_a, z_b)[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the CPU kernel splits columns between threads: the sum must not depend on it
+        again = _view_forward(backend, z_a, z_b)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first[2], again[2])
+
+
 # ----------------------------------------------------------------------------- relation form
 
 
@@ -222,7 +293,11 @@ def test_opcheck_vicreg_ops(requires_grad, route, save):
     assert prod_a.shape == ((0, 0) if not save else (7, 7) if route == 2 else (9, 9))
     grad = torch.tensor(0.8)
     torch.library.opcheck(cov_ops.vicreg_bwd, (grad, a, b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b, 25.0, 25.0, 1.0, 1e-4, "cpu", route))
-    torch.library.opcheck(cov_ops.vicreg_varcov_bwd, (torch.tensor([0.3, -1.2]), a, mean_a, m2_a, prod_a, 1e-4, "cpu", route))
+    torch.library.opcheck(cov_ops.vicreg_varcov_bwd, (torch.tensor([0.3, -1.2, 0.9]), a, mean_a, m2_a, prod_a, 1e-4, "cpu", route))
+    # the C++ per-view op, with and without the fused invariance input (z_b non-contiguous)
+    view = torch.ops.sslops.vicreg_view_forward_cxx.default
+    for other in (noncontiguous(b), None):
+        torch.library.opcheck(view, (a, other, 1e-4, route, save), test_utils=("test_schema", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])

@@ -8,8 +8,10 @@ no normalised copy of z is ever written):
     Barlow   Â = (z_a - mean_a)·rstd_a / sqrt(N), B̂ likewise, rstd = 1/sqrt(m2/N + eps)
              c = ÂᵀB̂,  loss = Σ_k (c_kk - 1)² + λ Σ_{j≠k} c_jk²
 
-Forward: ``_col_stats_kernel`` (mean, m2: two passes over the rows of a column block),
-then ``_prod_kernel`` computes tiles of the product and reduces them in registers (the
+Forward: ``_col_stats_kernel`` (mean, m2: two passes over the rows of a column block;
+for VICReg's first view it also sums Σ_n (z_a - z_b)² per column in the mean pass, while
+z_a's tile is in registers, so the invariance MSE costs one extra read of z_b and no pass of
+its own; the per-column sums are added in float64 in a fixed order), then ``_prod_kernel`` computes tiles of the product and reduces them in registers (the
 K×K or N×N matrix is never written):
 
     K×K route   tile of ÂᵀB̂ (reduction over N), Σ of squares off the diagonal
@@ -42,7 +44,8 @@ interpreter always computes in IEEE.
 
 Cost per call (one view of VICReg; Barlow's Gram route computes two Grams, its K×K route
 one non-symmetric product): forward N·K·min(N, K) flops (half of 2NK·min(N, K), by
-symmetry), ~3NK element reads, the product written (D² = min(N, K)² fp32) when saved;
+symmetry), ~3NK element reads (+ NK of z_b in z_a's call: 7NK for VICReg's two views, one
+pass fewer than a separate invariance pass re-reading both), the product written (D² = min(N, K)² fp32) when saved;
 backward 2NK·min(N, K) flops for the apply, D² read, NK read twice, NK written (Barlow:
 + an fp32 NK buffer written and read twice).
 """
@@ -93,17 +96,27 @@ def _prec(dtype, precision):
 
 
 @triton.jit
-def _col_stats_kernel(z, mean, m2, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _col_stats_kernel(z, other, mean, m2, sq, N, K, HAS_OTHER: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """mean_k, m2_k of a block of columns (two passes over the rows); with HAS_OTHER the first
+    pass also sums sq_k = Σ_n (z_nk - other_nk)² while z's tile is in registers."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     acc_t = mean.dtype.element_ty
     s = tl.zeros([BLOCK_K], acc_t)
+    e = tl.zeros([BLOCK_K], acc_t)
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < N) & cmask[None, :]
-        x = tl.load(z + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0).to(acc_t)
+        off = rows[:, None].to(tl.int64) * K + cols[None, :]
+        x = tl.load(z + off, mask=m, other=0.0).to(acc_t)
         s += tl.sum(x, 0)
+        if HAS_OTHER:
+            d = x - tl.load(other + off, mask=m, other=0.0).to(acc_t)
+            e += tl.sum(d * d, 0)
+    if HAS_OTHER:
+        tl.store(sq + cols, e, mask=cmask)
     mu = s / N
     q = tl.zeros([BLOCK_K], acc_t)
     for r0 in range(0, N, BLOCK_N):
@@ -285,16 +298,6 @@ def _bn_finish_kernel(d, z, mz, sz, out, N, K, BLOCK_N: tl.constexpr, BLOCK_K: t
         tl.store(out + off, res.to(out.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _sq_diff_kernel(a, b, out, numel, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < numel
-    acc_t = out.dtype.element_ty
-    d = tl.load(a + idx, mask=m, other=0.0).to(acc_t) - tl.load(b + idx, mask=m, other=0.0).to(acc_t)
-    tl.store(out + pid, tl.sum(d * d, 0))
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -302,14 +305,17 @@ def _col_blocks():
     return (16, 16) if interpreting_triton() else (64, 64)
 
 
-def _col_stats(z):
+def _col_stats(z, other=None):
+    """(mean, m2, sq): sq_k = Σ_n (z_nk - other_nk)² from the mean pass, or None without ``other``."""
     n, k = z.shape
     acc = _acc(z.dtype)
     mean = torch.empty(k, dtype=acc, device=z.device)
     m2 = torch.empty(k, dtype=acc, device=z.device)
+    sq = torch.empty(k, dtype=acc, device=z.device) if other is not None else None
     bn, bk = _col_blocks()
-    _col_stats_kernel[(triton.cdiv(k, bk),)](z, mean, m2, n, k, BLOCK_N=bn, BLOCK_K=bk)
-    return mean, m2
+    _col_stats_kernel[(triton.cdiv(k, bk),)](z, other if other is not None else z, mean, m2, sq if sq is not None else mean, n, k,
+                                             HAS_OTHER=other is not None, BLOCK_N=bn, BLOCK_K=bk)
+    return mean, m2, sq
 
 
 def _col_dot(za, ma, sa, zb, mb, sb):
@@ -368,21 +374,15 @@ def _sum64(t):
     return t.double().sum().to(t.dtype)
 
 
-def sq_diff_sum(a, b):
-    a = a.contiguous()
-    b = b.to(a.dtype).contiguous()
-    block = 256 if interpreting_triton() else 4096
-    parts = torch.empty(triton.cdiv(a.numel(), block), dtype=_acc(a.dtype), device=a.device)
-    _sq_diff_kernel[(parts.numel(),)](a, b, parts, a.numel(), BLOCK=block)
-    return _sum64(parts)
-
-
-def vicreg_view_forward(z, eps, route, save, precision):
-    """(terms (2,), mean, m2, prod): terms = [Σ_k relu(1 - sqrt(var_k + eps)), Σ_{j≠k} Cov_jk²];
-    prod the product the backward needs (route 2: ÂÂᵀ, route 1: ÂᵀÂ) when ``save``, else (0, 0)."""
+def vicreg_view_forward(z, other, eps, route, save, precision):
+    """(terms (3,), mean, m2, prod): terms = [Σ_k relu(1 - sqrt(var_k + eps)), Σ_{j≠k} Cov_jk², Σ (z - other)²]
+    (the last from the column-mean pass, 0 when ``other`` is None); prod the product the backward
+    needs (route 2: ÂÂᵀ, route 1: ÂᵀÂ) when ``save``, else (0, 0)."""
     z = z.contiguous()
     n, k = z.shape
-    mean, m2 = _col_stats(z)
+    other = other.to(z.dtype).contiguous() if other is not None else None
+    mean, m2, sq = _col_stats(z, other)
+    sq_sum = _sum64(sq) if sq is not None else mean.new_zeros(())
     var = m2 / (n - 1)
     hinge = torch.relu(1.0 - torch.sqrt(var + eps)).sum()
     scale = torch.full_like(mean, 1.0 / math.sqrt(n - 1))
@@ -393,7 +393,7 @@ def vicreg_view_forward(z, eps, route, save, precision):
     else:
         parts, prod, _ = _product(view, view, False, precision, skip_diag=True, sym=True, store=save)
         off = _sum64(parts)
-    return torch.stack([hinge, off]), mean, m2, prod
+    return torch.stack([hinge, off, sq_sum]), mean, m2, prod
 
 
 def vicreg_view_backward(z, other, mean, m2, prod, coef, eps, route, precision):
@@ -423,8 +423,8 @@ def barlow_twins_forward(z_a, z_b, lambd, eps, route, save, precision):
     z_a = z_a.contiguous()
     z_b = z_b.to(z_a.dtype).contiguous()
     n, k = z_a.shape
-    mean_a, m2_a = _col_stats(z_a)
-    mean_b, m2_b = _col_stats(z_b)
+    mean_a, m2_a, _ = _col_stats(z_a)
+    mean_b, m2_b, _ = _col_stats(z_b)
     rstd_a = torch.rsqrt(m2_a / n + eps)
     rstd_b = torch.rsqrt(m2_b / n + eps)
     va = (z_a, mean_a, rstd_a / math.sqrt(n))

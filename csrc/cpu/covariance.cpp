@@ -15,14 +15,17 @@
 //   Gram route  Ga = ÂÂᵀ, Gb = B̂B̂ᵀ   (2N²K each)        ‖ÂᵀB̂‖_F² = ⟨Ga, Gb⟩_F, then minus Σ_k C_kk²
 //
 // (for VICReg Ga = Gb, one product). The diagonal C_kk is O(NK) (VICReg: m2_k/(N-1);
-// Barlow: Σ_n Â_nk B̂_nk). Products run through at::mm (MKL), everything else is a fused
-// OpenMP loop over column chunks; accumulation is fp32 (fp64 for fp64 inputs), scalar
-// sums in double.
+// Barlow: Σ_n Â_nk B̂_nk). VICReg's invariance sum Σ (z_a - z_b)² is fused into z_a's
+// column-mean pass (the view op's optional `other`): per-column sums while the row slice of
+// z_a is loaded, then added over the columns in order in double (deterministic). Products
+// run through at::mm (MKL), everything else is a fused OpenMP loop over column chunks;
+// accumulation is fp32 (fp64 for fp64 inputs), scalar sums in double.
 //
 // Gradients (g the incoming scalar gradient):
-//   VICReg view, terms t0 = Σ_k relu(1 - sqrt(C_kk + eps)), t1 = Σ_{j≠k} C_jk²:
+//   VICReg view, terms t0 = Σ_k relu(1 - sqrt(C_kk + eps)), t1 = Σ_{j≠k} C_jk², t2 = Σ (z - other)²:
 //     ∂t0/∂z = -[std_k < 1] / std_k · Â / sqrt(N-1)
 //     ∂t1/∂z = 4 (ÂC - Â diag C) / sqrt(N-1),   ÂC = (ÂÂᵀ)Â on the Gram route
+//     ∂t2/∂z = 2 (z - other)   (the op layer passes 2·sim_coeff/(NK)·g as coef[2]; fused in dz's pass)
 //   (the centring projection is exact here: Âᵀ1 = 0 makes both column means vanish).
 //   Barlow, L = Σ_k (c_kk - 1)² + λ Σ_{j≠k} c_jk², dL/dc = 2λ c + diag(D), D_k = 2(1-λ)c_kk - 2:
 //     dÂ = 2λ B̂cᵀ + B̂ diag(D)   (B̂cᵀ = Gb Â),      dB̂ = 2λ Âc + Â diag(D)   (Âc = Ga B̂)
@@ -35,8 +38,11 @@
 // (sslops/ops/covariance.py: Gram iff 4N < 3K, for cost and to bound the cancellation of
 // ‖ÂÂᵀ‖² - Σ C_kk²; route 0 here applies the same rule).
 // Cost per call (flops): VICReg per view, forward 2·N·K·min(N, K), backward the same;
-// Barlow, Gram route 4N²K forward + 4N²K backward, K×K route 2NK² + 4NK². Bytes: the inputs
-// read ~3 times, an fp32 N×K copy per view written and read, the product written once, read twice.
+// Barlow, Gram route 4N²K forward + 4N²K backward, K×K route 2NK² + 4NK². Bytes: each input
+// read 3 times by its forward (two statistics passes, one normalising pass) and the other view
+// once more in z_a's mean pass (VICReg: 7·NK element reads for both views, one pass fewer than
+// a separate Σ(z_a - z_b)² pass), an fp32 N×K copy per view written and read, the product
+// written once, read twice.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -66,9 +72,14 @@ bool use_gram(int64_t route, int64_t n, int64_t k, double gram_cost, double kk_c
 at::ScalarType acc_dtype_of(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Column mean, m2 and the scaled centred copy out = (z - mean) · scale_k, scale_k = scale(m2_k).
+// With `other` (same shape, contiguous) and !have_mean, the pass that sums the columns also
+// accumulates sq_k = Σ_n (z_nk - other_nk)² while z's row slice is loaded (VICReg's invariance
+// term): only `other` is read extra. Each column is summed over the rows in order, so the
+// result does not depend on how the columns are split between threads.
 template <typename scalar_t, typename ScaleF>
 void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>* mean, acc_t<scalar_t>* m2,
-                       acc_t<scalar_t>* out, const ScaleF& scale, bool have_mean) {
+                       acc_t<scalar_t>* out, const ScaleF& scale, bool have_mean, const scalar_t* other = nullptr,
+                       acc_t<scalar_t>* sq = nullptr) {
   using acc = acc_t<scalar_t>;
   parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
@@ -76,9 +87,24 @@ void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>*
     if (have_mean) {
       for (int64_t c = 0; c < w; ++c) s[c] = mean[c0 + c];
     } else {
-      for (int64_t r = 0; r < n; ++r) {
-        const scalar_t* row = z + r * k + c0;
-        for (int64_t c = 0; c < w; ++c) s[c] += static_cast<acc>(row[c]);
+      if (other != nullptr) {
+        std::vector<acc> e(w, acc(0));
+        for (int64_t r = 0; r < n; ++r) {
+          const scalar_t* row = z + r * k + c0;
+          const scalar_t* orow = other + r * k + c0;
+          for (int64_t c = 0; c < w; ++c) {
+            const acc x = static_cast<acc>(row[c]);
+            const acc d = x - static_cast<acc>(orow[c]);
+            s[c] += x;
+            e[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < w; ++c) sq[c0 + c] = e[c];
+      } else {
+        for (int64_t r = 0; r < n; ++r) {
+          const scalar_t* row = z + r * k + c0;
+          for (int64_t c = 0; c < w; ++c) s[c] += static_cast<acc>(row[c]);
+        }
       }
       for (int64_t c = 0; c < w; ++c) s[c] /= static_cast<acc>(n);
       for (int64_t r = 0; r < n; ++r) {
@@ -124,30 +150,39 @@ double dot_sum(const acc* a, const acc* b, int64_t rows, int64_t cols, bool skip
 
 // ---------------------------------------------------------------------------- VICReg (one view)
 
-// terms = [Σ_k relu(1 - sqrt(m2_k/(N-1) + eps)), Σ_{j≠k} C_jk²], mean, m2.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_cpu(const at::Tensor& z_in, double eps, int64_t route,
-                                                                                bool save) {
+// terms = [Σ_k relu(1 - sqrt(m2_k/(N-1) + eps)), Σ_{j≠k} C_jk², Σ (z - other)²], mean, m2.
+// The third term is accumulated per column in the mean pass (fp32, fp64 for fp64), and the
+// columns are added in order in double; it is 0 without `other`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_cpu(const at::Tensor& z_in,
+                                                                                const c10::optional<at::Tensor>& other_in,
+                                                                                double eps, int64_t route, bool save) {
   NoAutocast no_autocast;
   TORCH_CHECK(z_in.dim() == 2 && z_in.size(0) >= 2, "vicreg_view_forward_cxx: z must be (N >= 2, K)");
+  const bool has_other = other_in.has_value() && other_in->defined();
+  TORCH_CHECK(!has_other || other_in->sizes() == z_in.sizes(), "vicreg_view_forward_cxx: other must have z's shape");
   const at::Tensor z = z_in.contiguous();
+  const at::Tensor other = has_other ? other_in->to(z.scalar_type()).contiguous() : at::Tensor();
   const int64_t n = z.size(0), k = z.size(1);
   const auto acc_dtype = acc_dtype_of(z);
   auto opts = z.options().dtype(acc_dtype);
-  at::Tensor mean = at::empty({k}, opts), m2 = at::empty({k}, opts), terms = at::empty({2}, opts);
+  at::Tensor mean = at::empty({k}, opts), m2 = at::empty({k}, opts), terms = at::empty({3}, opts);
   at::Tensor zh = at::empty({n, k}, opts), prod;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vicreg_view_forward_cxx", [&] {
     using acc = acc_t<scalar_t>;
     const acc s = acc(1) / std::sqrt(static_cast<acc>(n - 1));
+    std::vector<acc> sq(has_other ? k : 0);
     normalise_columns<scalar_t>(z.data_ptr<scalar_t>(), n, k, mean.data_ptr<acc>(), m2.data_ptr<acc>(), zh.data_ptr<acc>(),
-                                [s](int64_t) { return s; }, false);
+                                [s](int64_t) { return s; }, false, has_other ? other.data_ptr<scalar_t>() : nullptr,
+                                has_other ? sq.data() : nullptr);
     const acc* q = m2.data_ptr<acc>();
-    double hinge = 0.0, diag_sq = 0.0;
+    double hinge = 0.0, diag_sq = 0.0, sq_diff = 0.0;
     for (int64_t c = 0; c < k; ++c) {
       const double var = static_cast<double>(q[c]) / static_cast<double>(n - 1);
       const double std_c = std::sqrt(static_cast<double>(static_cast<acc>(var) + static_cast<acc>(eps)));
       const double h = 1.0 - std_c;
       hinge += (h > 0.0 || std::isnan(h)) ? h : 0.0;
       diag_sq += var * var;
+      if (has_other) sq_diff += static_cast<double>(sq[c]);
     }
     double off;
     if (use_gram(route, n, k, 4.0 * n, 3.0 * k)) {
@@ -160,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_c
     acc* t = terms.data_ptr<acc>();
     t[0] = static_cast<acc>(hinge);
     t[1] = static_cast<acc>(off);
+    t[2] = static_cast<acc>(sq_diff);
   });
   if (!save) prod = at::empty({0, 0}, opts);
   return {terms, mean, m2, prod};
@@ -220,30 +256,6 @@ at::Tensor vicreg_view_backward_cpu(const at::Tensor& z_in, const c10::optional<
     });
   });
   return dz;
-}
-
-// Σ (a - b)² in double, returned in the accumulation dtype.
-at::Tensor sq_diff_sum_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
-  const at::Tensor a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
-  at::Tensor out = at::empty({}, a.options().dtype(acc_dtype_of(a)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sq_diff_sum_cxx", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* x = a.data_ptr<scalar_t>();
-    const scalar_t* y = b.data_ptr<scalar_t>();
-    const double total = at::parallel_reduce(
-        0, a.numel(), 4096, 0.0,
-        [&](int64_t i0, int64_t i1, double init) {
-          acc t = 0;
-          for (int64_t i = i0; i < i1; ++i) {
-            const acc d = static_cast<acc>(x[i]) - static_cast<acc>(y[i]);
-            t += d * d;
-          }
-          return init + static_cast<double>(t);
-        },
-        std::plus<double>());
-    *out.data_ptr<acc>() = static_cast<acc>(total);
-  });
-  return out;
 }
 
 // ---------------------------------------------------------------------------- Barlow Twins
@@ -399,7 +411,6 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins_backward_cpu(const at::Tensor& g
 TORCH_LIBRARY_IMPL(sslops, CPU, m) {
   m.impl("vicreg_view_forward_cxx", &sslops::vicreg_view_forward_cpu);
   m.impl("vicreg_view_backward_cxx", &sslops::vicreg_view_backward_cpu);
-  m.impl("sq_diff_sum_cxx", &sslops::sq_diff_sum_cpu);
   m.impl("barlow_twins_forward_cxx", &sslops::barlow_twins_forward_cpu);
   m.impl("barlow_twins_backward_cxx", &sslops::barlow_twins_backward_cpu);
 }

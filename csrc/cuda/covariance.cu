@@ -2,7 +2,10 @@
 // and backward. Same decomposition and gradients as csrc/cpu/covariance.cpp (see there):
 //
 //   normalise_kernel   column mean, m2 (two passes over the rows, one block per 32 columns),
-//                      then the scaled centred copy Â = (z - mean)·scale in fp32 (fp64 for fp64)
+//                      then the scaled centred copy Â = (z - mean)·scale in fp32 (fp64 for fp64);
+//                      for VICReg's first view the mean pass also sums Σ_n (z_a - z_b)² per
+//                      column (the view op's `other`: z_b read once there, no invariance pass
+//                      of its own), columns then added in double by at::sum (deterministic)
 //   at::mm             the product on the cheaper side: ÂᵀB̂ (K×K) or ÂÂᵀ, B̂B̂ᵀ (N×N Gram)
 //   dot_partials       Σ a⊙b of two products (diagonal skipped on the K×K route), per-block
 //                      partials in double, added by at::sum (deterministic, no atomics)
@@ -16,7 +19,9 @@
 // Saved: mean, m2 (VICReg) or mean, rstd (Barlow), (K,) each, and the min(N,K)² product the
 // backward multiplies by (no larger than an input), so the backward runs one product, not two. FLOPs as on the CPU:
 // forward min(2NK², 2N²K) per VICReg view, min(2NK², 4N²K) for Barlow; backward twice that.
-// Bytes: NK inputs read ~3 times, an fp32 NK copy written and read, the min(N,K)² product.
+// Bytes: each input read 3 times by its forward, plus z_b once in z_a's mean pass (7·NK reads
+// for VICReg's two views, one pass fewer than a separate Σ(z_a - z_b)² pass), an fp32 NK copy
+// written and read, the min(N,K)² product.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
@@ -46,10 +51,12 @@ bool use_gram(int64_t route, double gram_cost, double kk_cost) {
 at::ScalarType acc_dtype_of(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // MODE 0 (VICReg): scale = 1/sqrt(N-1).  MODE 1 (Barlow): rstd = 1/sqrt(m2/N + eps), scale = rstd/sqrt(N).
-// HAVE_STATS: mean (and rstd for MODE 1) are given; only Â is written.
+// HAVE_STATS: mean (and rstd for MODE 1) are given; only Â is written. Otherwise, with other
+// non-null, sq[col] = Σ_n (z - other)² from the mean pass.
 template <typename scalar_t, typename acc_t, int MODE, bool HAVE_STATS>
 __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int64_t k, acc_t* __restrict__ mean,
-                                 acc_t* __restrict__ m2, acc_t* __restrict__ rstd, acc_t eps, acc_t* __restrict__ out) {
+                                 acc_t* __restrict__ m2, acc_t* __restrict__ rstd, acc_t eps, acc_t* __restrict__ out,
+                                 const scalar_t* __restrict__ other, acc_t* __restrict__ sq) {
   __shared__ acc_t partial[kRows][kCols];
   __shared__ acc_t col_mean[kCols];
   __shared__ acc_t col_scale[kCols];
@@ -65,7 +72,8 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
     __syncthreads();
   } else {
     __shared__ acc_t col_m2[kCols];
-    block_column_moments(z, n, k, col, partial, col_mean, col_m2);
+    __shared__ acc_t col_sq[kCols];
+    block_column_moments(z, n, k, col, partial, col_mean, col_m2, other, col_sq);
     if (ty == 0) {
       const acc_t t = col_m2[tx];
       acc_t scale;
@@ -80,6 +88,7 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
       if (live) {
         mean[col] = col_mean[tx];
         m2[col] = t;
+        if (other != nullptr) sq[col] = col_sq[tx];
       }
     }
     __syncthreads();
@@ -127,19 +136,6 @@ at::Tensor dot_sum(const at::Tensor& a, const at::Tensor& b, bool skip_diag, int
   });
   SSLOPS_CUDA_CHECK_LAUNCH();
   return partials.sum();
-}
-
-template <typename scalar_t>
-__global__ void sq_diff_partials_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t numel,
-                                        double* __restrict__ partials) {
-  using acc_t = at::opmath_type<scalar_t>;
-  double t = 0.0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    const acc_t d = static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i]);
-    t += static_cast<double>(d * d);
-  }
-  store_block_sum(t, partials);
 }
 
 // dz = Â·w[c] + coef[0]·T + coef[1]·(z - other)
@@ -202,10 +198,10 @@ __global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __res
 
 int grid_for(int64_t numel) { return static_cast<int>(std::min<int64_t>(4096, std::max<int64_t>(1, (numel + 255) / 256))); }
 
-// Â (fp32/fp64) and, when !have_stats, mean/m2/rstd.
+// Â (fp32/fp64) and, when !have_stats, mean/m2/rstd (and, given other and sq, sq_k = Σ_n (z - other)²).
 template <int MODE>
 void normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2, at::Tensor& rstd, double eps, at::Tensor& out, bool have_stats,
-               cudaStream_t stream) {
+               cudaStream_t stream, const at::Tensor* other = nullptr, at::Tensor* sq = nullptr) {
   const int64_t n = z.size(0), k = z.size(1);
   if (k == 0 || n == 0) return;
   const dim3 block(kCols, kRows), grid(static_cast<unsigned>((k + kCols - 1) / kCols));
@@ -213,29 +209,42 @@ void normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2, at::Tensor
     using acc = at::opmath_type<scalar_t>;
     acc* m2p = m2.defined() ? m2.data_ptr<acc>() : nullptr;
     acc* rsp = rstd.defined() ? rstd.data_ptr<acc>() : nullptr;
+    const bool fuse = !have_stats && other != nullptr && sq != nullptr;
+    const scalar_t* op = fuse ? other->data_ptr<scalar_t>() : nullptr;
+    acc* sqp = fuse ? sq->data_ptr<acc>() : nullptr;
     if (have_stats)
       normalise_kernel<scalar_t, acc, MODE, true><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, mean.data_ptr<acc>(), m2p,
-                                                                              rsp, static_cast<acc>(eps), out.data_ptr<acc>());
+                                                                              rsp, static_cast<acc>(eps), out.data_ptr<acc>(),
+                                                                              nullptr, nullptr);
     else
       normalise_kernel<scalar_t, acc, MODE, false><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, mean.data_ptr<acc>(), m2p,
-                                                                               rsp, static_cast<acc>(eps), out.data_ptr<acc>());
+                                                                               rsp, static_cast<acc>(eps), out.data_ptr<acc>(), op, sqp);
   });
   SSLOPS_CUDA_CHECK_LAUNCH();
 }
 
 // ---------------------------------------------------------------------------- VICReg (one view)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_cuda(const at::Tensor& z_in, double eps,
+// terms = [hinge, Σ_{j≠k} C_jk², Σ (z - other)²] (the last 0 without other), mean, m2, prod.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_cuda(const at::Tensor& z_in,
+                                                                                 const c10::optional<at::Tensor>& other_in, double eps,
                                                                                  int64_t route, bool save) {
   NoAutocast no_autocast;
   TORCH_CHECK(z_in.dim() == 2 && z_in.size(0) >= 2, "vicreg_view_forward_cxx: z must be (N >= 2, K)");
+  const bool has_other = other_in.has_value() && other_in->defined();
+  TORCH_CHECK(!has_other || (other_in->sizes() == z_in.sizes() && other_in->device() == z_in.device()),
+              "vicreg_view_forward_cxx: other must have z's shape and device");
   c10::DeviceGuard guard(z_in.device());
   cudaStream_t stream = current_cuda_stream(z_in.device().index());
   const at::Tensor z = z_in.contiguous();
+  const at::Tensor other = has_other ? other_in->to(z.scalar_type()).contiguous() : at::Tensor();
   const int64_t n = z.size(0), k = z.size(1);
   auto opts = z.options().dtype(acc_dtype_of(z));
   at::Tensor mean = at::empty({k}, opts), m2 = at::empty({k}, opts), rstd, zh = at::empty({n, k}, opts);
-  normalise<0>(z, mean, m2, rstd, eps, zh, false, stream);
+  at::Tensor sq_col = has_other ? at::zeros({k}, opts) : at::Tensor();
+  normalise<0>(z, mean, m2, rstd, eps, zh, false, stream, has_other ? &other : nullptr, has_other ? &sq_col : nullptr);
+  // per-column sums added in double by one reduction of fixed shape (same order every run)
+  at::Tensor sq_sum = has_other ? sq_col.to(at::kDouble).sum().to(opts.dtype()) : at::zeros({}, opts);
   at::Tensor var = m2 / static_cast<double>(n - 1);
   at::Tensor hinge = at::relu(1.0 - at::sqrt(var + eps)).sum();
   at::Tensor off, prod;
@@ -247,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_view_forward_c
     off = dot_sum(prod, prod, true, k, stream);
   }
   if (!save) prod = at::empty({0, 0}, opts);
-  return {at::stack({hinge, off.to(opts.dtype())}), mean, m2, prod};
+  return {at::stack({hinge, off.to(opts.dtype()), sq_sum}), mean, m2, prod};
 }
 
 at::Tensor vicreg_view_backward_cuda(const at::Tensor& z_in, const c10::optional<at::Tensor>& other_in, const at::Tensor& mean_in,
@@ -285,23 +294,6 @@ at::Tensor vicreg_view_backward_cuda(const at::Tensor& z_in, const c10::optional
   });
   SSLOPS_CUDA_CHECK_LAUNCH();
   return dz;
-}
-
-at::Tensor sq_diff_sum_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
-  c10::DeviceGuard guard(a_in.device());
-  cudaStream_t stream = current_cuda_stream(a_in.device().index());
-  const at::Tensor a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
-  const int64_t numel = a.numel();
-  const int blocks = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(1, (numel + kReduceThreads - 1) / kReduceThreads)));
-  at::Tensor partials = at::zeros({blocks}, a.options().dtype(at::kDouble));
-  if (numel > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sq_diff_sum_cxx", [&] {
-      sq_diff_partials_kernel<scalar_t><<<blocks, kReduceThreads, 0, stream>>>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), numel,
-                                                                               partials.data_ptr<double>());
-    });
-    SSLOPS_CUDA_CHECK_LAUNCH();
-  }
-  return partials.sum().to(acc_dtype_of(a));
 }
 
 // ---------------------------------------------------------------------------- Barlow Twins
@@ -394,7 +386,6 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins_backward_cuda(const at::Tensor& 
 TORCH_LIBRARY_IMPL(sslops, CUDA, m) {
   m.impl("vicreg_view_forward_cxx", &sslops::vicreg_view_forward_cuda);
   m.impl("vicreg_view_backward_cxx", &sslops::vicreg_view_backward_cuda);
-  m.impl("sq_diff_sum_cxx", &sslops::sq_diff_sum_cuda);
   m.impl("barlow_twins_forward_cxx", &sslops::barlow_twins_forward_cuda);
   m.impl("barlow_twins_backward_cxx", &sslops::barlow_twins_backward_cuda);
 }

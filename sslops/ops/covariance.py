@@ -6,12 +6,14 @@ saves, a backward custom op, and ``register_fake``/``register_autograd`` so ``op
 decomposition (see ``csrc/cpu/covariance.cpp`` and ``triton_kernels/covariance.py``):
 
 * column statistics in one call (mean and centred sum of squares, or batch-norm rstd),
-  saved for the backward;
+  saved for the backward; VICReg's invariance sum Σ(z_a - z_b)² is taken in the same call,
+  in the pass over z_a's columns that computes the means (the view op's ``other``: z_b is
+  read once more there, instead of a separate pass re-reading both views);
 * the loss needs only scalar reductions of C = ÂᵀB̂ (‖C‖_F², diag C), taken on the
   cheaper side: the K×K product, or the N×N Gram route ‖ÂᵀB̂‖_F² = ⟨ÂÂᵀ, B̂B̂ᵀ⟩ when N is
   the smaller dimension, in forward and backward (``route`` argument: 0 picks by shape,
   1 forces K×K, 2 forces Gram; tests use it to run both at one shape);
-* VICReg's invariance MSE is fused into the backward pass that writes dz.
+* VICReg's invariance MSE is fused into the backward pass that writes dz as well.
 
 The relation form's var/cov terms use the one-view VICReg kernels on z; its invariance
 term is O(nnz·K) torch code in fp32 (fp64 for fp64) without any N×N matrix:
@@ -88,7 +90,7 @@ def _acc(dtype):
 
 
 class _Kernels:
-    """The five primitive kernels of one backend, with the C++ ops' signatures."""
+    """The four primitive kernels of one backend, with the C++ ops' signatures."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -100,23 +102,17 @@ class _Kernels:
             return tk
         return None
 
-    def vicreg_view_forward(self, z, eps, route, save):
+    def vicreg_view_forward(self, z, other, eps, route, save):
         tk = self._mod()
         if tk is not None:
-            return tk.vicreg_view_forward(z, eps, route, save, dot_precision())
-        return torch.ops.sslops.vicreg_view_forward_cxx(z, eps, route, save)
+            return tk.vicreg_view_forward(z, other, eps, route, save, dot_precision())
+        return torch.ops.sslops.vicreg_view_forward_cxx(z, other, eps, route, save)
 
     def vicreg_view_backward(self, z, other, mean, m2, prod, coef, eps, route):
         tk = self._mod()
         if tk is not None:
             return tk.vicreg_view_backward(z, other, mean, m2, prod, coef, eps, route, dot_precision())
         return torch.ops.sslops.vicreg_view_backward_cxx(z, other, mean, m2, prod, coef, eps, route)
-
-    def sq_diff_sum(self, a, b):
-        tk = self._mod()
-        if tk is not None:
-            return tk.sq_diff_sum(a, b)
-        return torch.ops.sslops.sq_diff_sum_cxx(a, b)
 
     def barlow_twins_forward(self, z_a, z_b, lambd, eps, route, save):
         tk = self._mod()
@@ -183,15 +179,18 @@ def _stat_fakes(z):
 def vicreg_fwd(z_a: torch.Tensor, z_b: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float,
                backend: str, route: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                               torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b); prod_* are the products saved for the backward."""
+    """(loss, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b); prod_* are the products saved for the backward.
+
+    z_a's view call also returns Σ(z_a - z_b)² (terms[2]), taken in its column-mean pass; z_b's has no other (terms[2] = 0).
+    """
     kern = _kernels(backend)
     n, k = z_a.shape
     route = _resolve(route, vicreg_route, z_a)
-    terms_a, mean_a, m2_a, prod_a = kern.vicreg_view_forward(z_a, eps, route, save)
-    terms_b, mean_b, m2_b, prod_b = kern.vicreg_view_forward(z_b, eps, route, save)
-    sq = kern.sq_diff_sum(z_a, z_b)
+    z_b = z_b.contiguous()  # one copy at most, shared by both calls below
+    terms_a, mean_a, m2_a, prod_a = kern.vicreg_view_forward(z_a, z_b, eps, route, save)
+    terms_b, mean_b, m2_b, prod_b = kern.vicreg_view_forward(z_b, None, eps, route, save)
     terms = terms_a + terms_b
-    loss = sq * (sim_coeff / (n * k)) + terms[0] * (std_coeff / (2 * k)) + terms[1] * (cov_coeff / k)
+    loss = terms[2] * (sim_coeff / (n * k)) + terms[0] * (std_coeff / (2 * k)) + terms[1] * (cov_coeff / k)
     return loss, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b
 
 
@@ -245,20 +244,24 @@ vicreg_fwd.register_autograd(_vicreg_backward, setup_context=_vicreg_setup)
 @torch.library.custom_op("sslops::vicreg_varcov_fwd", mutates_args=())
 def vicreg_varcov_fwd(z: torch.Tensor, eps: float, backend: str, route: int,
                       save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """terms = [Σ_k relu(1 - sqrt(Cov_kk + eps)), Σ_{j≠k} Cov_jk²] (2,), mean (K,), m2 (K,), saved product."""
-    return tuple(_kernels(backend).vicreg_view_forward(z, eps, _resolve(route, vicreg_route, z), save))
+    """terms = [Σ_k relu(1 - sqrt(Cov_kk + eps)), Σ_{j≠k} Cov_jk², 0] (3,), mean (K,), m2 (K,), saved product.
+
+    The view kernel without ``other``: its third term (the invariance sum) is 0 here.
+    """
+    return tuple(_kernels(backend).vicreg_view_forward(z, None, eps, _resolve(route, vicreg_route, z), save))
 
 
 @vicreg_varcov_fwd.register_fake
 def _(z, eps, backend, route, save):
     mean, m2 = _stat_fakes(z)
-    return z.new_empty((2,), dtype=_acc(z.dtype)), mean, m2, _prod_fake(z, _resolve(route, vicreg_route, z), save)
+    return z.new_empty((3,), dtype=_acc(z.dtype)), mean, m2, _prod_fake(z, _resolve(route, vicreg_route, z), save)
 
 
 @torch.library.custom_op("sslops::vicreg_varcov_bwd", mutates_args=())
 def vicreg_varcov_bwd(grad_terms: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, prod: torch.Tensor,
                       eps: float, backend: str, route: int) -> torch.Tensor:
-    coef = torch.cat([grad_terms.to(mean.dtype), grad_terms.new_zeros((1,), dtype=mean.dtype)])
+    # terms[2] is identically 0 without other: coef[2] = 0 (the kernels ignore it then anyway)
+    coef = torch.cat([grad_terms[:2].to(mean.dtype), grad_terms.new_zeros((1,), dtype=mean.dtype)])
     return _kernels(backend).vicreg_view_backward(z, None, mean, m2, prod, coef, eps, _resolve(route, vicreg_route, z))
 
 
