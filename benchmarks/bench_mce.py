@@ -19,7 +19,17 @@ Sizes: a quick CPU set (the CPU target N=1024, K=512 fp32 included, the target b
 ≥3× faster than ``released`` with the C++ backend on 2 threads); ``--full`` (default on
 CUDA): K from 256 to 8192 at N = 4096 and N from 512 to 16384 at K = 1024, plus the GPU
 target N=4096, K=2048 (≥3× released, ≥1.5× naive, ≥20× eigh).
+
+Matrix cross-entropy MCE(P, Q) = tr(-P log Q + Q) of two K×K matrices (case ``mce``,
+order 4, fp32, forward + backward in P and Q): ``sslops-<backend>`` the fused kernels (the
+traced chain P·X^j, closed-form gradient; default guard); ``naive`` log Q by explicit
+powers, then the full product P·log Q and its trace, autograd
+(``sslops.reference.matrix_cross_entropy``); ``chain`` the library's PyTorch-op route
+(``backend="reference"``: the chain, traced elementwise, autograd through it). CPU: K = 512
+(quick), K in {256, 512, 1024} with ``--full``; CUDA adds K = 2048, 4096.
 """
+
+import math
 
 import torch
 
@@ -28,7 +38,7 @@ from sslops import reference
 
 from .common import Case, randn_inputs
 
-LOSSES = ["matrix_ssl"]
+LOSSES = ["matrix_ssl", "matrix_cross_entropy"]
 ORDER = 4
 
 
@@ -86,6 +96,43 @@ def lowrank_case(n, k, rank, dtype=torch.float32, *, compile=False):
     return case
 
 
+def mce_pq_flops(k, order=ORDER):
+    """Forward + backward FLOPs of the fused MCE route: n-1 products forward; backward
+    h-1 powers + the Paterson–Stockmeyer Horner steps for P, n-1 Horner steps for Q."""
+    h = (order + 1) // 2
+    ps_steps = order // h - (1 if order % h == 0 else 0)  # Horner steps in X^h (a lone top coefficient needs none)
+    products = (order - 1) + (h - 1) + ps_steps + (order - 1)
+    return 2.0 * k**3 * products
+
+
+def mce_pq_inputs(k, dtype, seed=0):
+    """P: normal / √K; Q = I + 0.4·normal/√K (non-symmetric, ρ(Q - I) ≈ 0.4 < 1)."""
+
+    def make(device):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        p = torch.randn(k, k, generator=g) / math.sqrt(k)
+        q = torch.eye(k) + 0.4 * torch.randn(k, k, generator=g) / math.sqrt(k)
+        return p.to(device=device, dtype=dtype), q.to(device=device, dtype=dtype)
+
+    return make
+
+
+def mce_pq_case(k, dtype=torch.float32, *, compile=False, note=""):
+    return Case(
+        loss="matrix_cross_entropy",
+        name="mce",
+        shape={"K": k},
+        dtype=dtype,
+        make_inputs=mce_pq_inputs(k, dtype),
+        sslops_fn=lambda p, q, backend: sslops.matrix_cross_entropy(p, q, order=ORDER, backend=backend),
+        naive_fn=lambda p, q: reference.matrix_cross_entropy(p, q, order=ORDER),
+        extra={"chain": lambda p, q: sslops.matrix_cross_entropy(p, q, order=ORDER, backend="reference")},
+        flops=mce_pq_flops(k),
+        compile=compile,
+        note=note,
+    )
+
+
 def cases(device, full):
     on_cpu = torch.device(device).type == "cpu"
     if not full:
@@ -94,10 +141,14 @@ def cases(device, full):
             mce_case(512, 256, compile=not on_cpu),
             mce_case(1024, 512, note="CPU target case"),
             lowrank_case(512, 256, 4),
+            mce_pq_case(512),
         ]
     out = [mce_case(4096, k) for k in (256, 512, 1024, 4096, 8192)]
     out.append(mce_case(4096, 2048, note="GPU target case"))
     out += [mce_case(n, 1024) for n in (512, 1024, 2048, 8192, 16384)]
     out.append(mce_case(1024, 512, note="CPU target size"))
     out += [lowrank_case(4096, 2048, r) for r in (2, 4, 16)]
+    out += [mce_pq_case(k, compile=not on_cpu) for k in (256, 512, 1024)]
+    if not on_cpu:
+        out += [mce_pq_case(k, compile=True) for k in (2048, 4096)]
     return out
