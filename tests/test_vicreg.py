@@ -439,3 +439,7 @@ def test_triton_kernels_compile_for_sm90(dtype):
     sig = dict(z=f"*{zt}", mz="*fp32", sz="*fp32", mat="*fp32", sm0="i32", sm1="i32", ez=f"*{zt}", emz="*fp32", esz="*fp32",
                eo=f"*{zt}", w="*fp32", coef="*fp32", out=f"*{zt}", N="i32", K="i32", **{k: "constexpr" for k in consts})
     triton.compile(ASTSource(fn=tk._apply_kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    consts = dict(HAS_OTHER=True, BLOCK_N=64, BLOCK_K=64)  # column statistics with the fused invariance sum
+    sig = dict(z=f"*{zt}", other=f"*{zt}", mean="*fp32", m2="*fp32", sq="*fp32", N="i32", K="i32",
+               **{k: "constexpr" for k in consts})
+    triton.compile(ASTSource(fn=tk._col_stats_kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
