@@ -233,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
 // Gradients (never through the chain; d tr(P X^k) = Σ_{i<k} tr(X^{k-1-i} P X^i dX)):
 //   dL/dP = -f(X)ᵀ,  f(X) = Σ_k c_k X^k                     (Paterson–Stockmeyer, X..X^h)
 //   dL/dQ = -Gᵀ + I, G = Σ_{m<n} X^m D_m, D_m = Σ_{j=0}^{n-1-m} c_{m+j+1} A_j   (Horner in X)
-// Both are formed negated (-f, -G + I: the I folded into the last Horner block), so one
+// Both are formed negated and transposed (-f(Xᵀ) = -f(X)ᵀ from transposed views of the powers;
+// the last Horner step as (D̃_0 + I)ᵀ + rᵀXᵀ, the I folded into its block), so one contiguous
 // pass scales them by the incoming gradient (a device tensor) into the input dtype.
 // Saved: X and A_1..A_{n-1}. K×K products: forward n-1, backward (h-1) + (products of
 // `poly`) for P and n-1 for Q (order 4: 3 forward, 2 + 3 backward).
@@ -275,31 +276,44 @@ std::tuple<at::Tensor, at::Tensor> mce_backward(const at::Tensor& grad, const at
   const at::Tensor g = grad.to(x.scalar_type()).reshape({});
   const auto out_opt = p.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dp, dq;
-  if (need_p) {  // -f(X), f(X) = Σ_k c_k X^k
+  const bool same = p.scalar_type() == x.scalar_type();
+  // dst = m·g in the input dtype (m contiguous, acc dtype): in place when the dtypes agree
+  auto scaled = [&](at::Tensor m) {
+    if (same) return m.mul_(g);
+    at::Tensor dst = at::empty({k, k}, out_opt);
+    at::mul_out(dst, m, g);
+    return dst;
+  };
+  if (need_p) {  // -f(X)ᵀ = -f(Xᵀ): the polynomial evaluated on transposed views comes out transposed
     const int64_t h = half_order(order);
     std::vector<at::Tensor> pw{x};
     for (int64_t i = 2; i <= h; ++i) pw.push_back(at::mm(pw.back(), x));
+    for (auto& t : pw) t = t.t();
     std::vector<double> fa(order + 1, 0.0);
     for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = -taylor_coeff(kk);
-    const at::Tensor nf = poly<Dev>(pw, fa);
-    dp = at::empty({k, k}, out_opt);
-    at::mul_out(dp, nf.t(), g);
+    dp = scaled(poly<Dev>(pw, fa));
   } else {
     dp = at::zeros({k, k}, out_opt);
   }
-  if (need_q) {  // -G + I by Horner: D̃_m + X·(...), one GEMM with beta = 1 per step
+  if (need_q) {  // -Gᵀ + I by Horner: r = D̃_m + X·r (one GEMM with beta = 1 per step), D̃_m = -D_m
     const at::Tensor pa = p.to(x.scalar_type());
     std::vector<at::Tensor> chain{pa};
     for (int64_t j = 1; j < order; ++j) chain.push_back(saved[j - 1]);
-    at::Tensor r;
-    for (int64_t m = order - 1; m >= 0; --m) {
+    auto block = [&](int64_t m) {
       std::vector<Term> terms;
       for (int64_t j = 0; j <= order - 1 - m; ++j) terms.push_back({-taylor_coeff(m + j + 1), chain[j]});
-      at::Tensor dm = combine<Dev>(terms, m == 0 ? 1.0 : 0.0, k, opt);
+      return terms;
+    };
+    at::Tensor r;
+    for (int64_t m = order - 1; m >= 1; --m) {
+      at::Tensor dm = combine<Dev>(block(m), 0.0, k, opt);
       r = m == order - 1 ? dm : dm.addmm_(x, r);
     }
-    dq = at::empty({k, k}, out_opt);
-    at::mul_out(dq, r.t(), g);
+    // the last step written transposed, (D̃_0 + I + X·r)ᵀ = (D̃_0 + I)ᵀ + rᵀXᵀ: the result is -Gᵀ + I, contiguous
+    at::Tensor gt = at::empty({k, k}, opt);
+    Dev::lincomb(gt.t(), block(0), 1.0);
+    if (order > 1) gt.addmm_(r.t(), x.t());
+    dq = scaled(gt);
   } else {
     dq = at::zeros({k, k}, out_opt);
   }
