@@ -322,6 +322,23 @@ def test_triton_row_window_and_noncontiguous(kind):
 
 
 @pytest.mark.triton
+def test_triton_fp16_backward_keeps_tiny_pair_weights():
+    """fp16 rows of very different norms: a backward that feeds D·diag(1/‖z_c‖) to tl.dot in fp16
+    flushes the big rows' columns (≈ 1e-8, under fp16's smallest subnormal) to zero. The same loss
+    at batch sizes in the thousands does this to most pairs (p_ij·a_i/τ ≈ 1/N²)."""
+    n, k, tau = 24, 16, 1.0
+    z64 = randn(n, k, torch.float64, seed=31)
+    z64[::2] *= 2e4
+    z = z64.clamp(-6e4, 6e4).to(torch.float16).to(DEVICE)
+    rel = dict(labels=(torch.arange(n) % 3).to(DEVICE))
+    loss, grad = kernel_loss_and_grad(z, rel, tau, 1.0, "triton")
+    ref_loss, ref_grad = reference_loss_and_grad(z, rel, tau, 1.0)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-3, rtol=1e-3)
+    gscale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, atol=5e-3 * gscale, rtol=5e-3)
+
+
+@pytest.mark.triton
 def test_triton_no_positive_and_nan():
     z = randn(20, 4, seed=2, device=DEVICE)
     loss, grad = kernel_loss_and_grad(z, dict(labels=torch.arange(20, device=DEVICE)), 0.1, 1.0, "triton")
@@ -392,6 +409,22 @@ def test_gpu_hundred_reruns_bit_identical(backend, dtype):
 def test_gpu_fp32_is_ieee_not_tf32(backend):
     """fp32 inputs must not be multiplied in TF32: the loss would be off by ~1e-3 at τ = 0.05."""
     check(backend, 2048, 256, "views4", torch.float32, tau=0.05, seed=23, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
+def test_gpu_large_batch_fp16_gradient(backend):
+    """fp16 at N = 8193 with a shared mean direction (as trained embeddings have): the backward's
+    pair weights a·p/(τ‖z‖) are ~1e-8, under fp16's smallest subnormal. Fed to the tensor cores in
+    fp16 they flush to zero (emulated: 89% of them, gradient off by 38% of its largest entry)."""
+    n, k, tau = 8193, 128, 0.1
+    z = randn(n, k, torch.float16, device="cuda", seed=25, shift=1.0)
+    rel = relation("two_views", n, device="cuda")
+    loss, grad = kernel_loss_and_grad(z, rel, tau, 1.0, backend)
+    ref_loss, ref_grad = reference_loss_and_grad(z, rel, tau, 1.0)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-3, rtol=1e-3)
+    gscale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, atol=1e-2 * gscale, rtol=1e-2)
 
 
 @pytest.mark.gpu

@@ -26,6 +26,11 @@ from run to run with no atomics. Rows outside the window visit only the window's
 The CSR part of D (−a_k/|P(k)| − a_j/|P(j)|)/τ over k's pairs is added per row by the
 final kernel, which also applies the normalisation backward.
 
+Precision: the similarity tiles multiply the raw input rows (exact products for fp16/bf16 on
+the tensor cores, IEEE fp32 for fp32, fp64) and accumulate in fp32 (fp64). The backward's D·Z
+product feeds D in the input dtype, except for fp16, whose D entries (≈ 1/N² at batch size N)
+would flush to zero: it multiplies in fp32 storage with TF32 inputs (fp16's 10-bit mantissa).
+
 Saved by the forward: LSE (B,) and |P(i)| (B,) in fp32 (fp64 for fp64); row norms are
 recomputed (one read of z). Extra memory: norms (M,), the (M, K) fp32 dẑ buffer of the
 backward, nothing quadratic.
@@ -49,11 +54,16 @@ def _acc_dtype(dtype):
 
 
 def _blocks(m, k):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiny blocks in the interpreter, tensor-core sized on a GPU."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiny blocks in the interpreter, tensor-core sized on a GPU.
+
+    8 warps: with 4, ptxas (triton 3.6, sm_90) caps the forward at 255 registers and spills
+    (fp32: 272 bytes, bf16: 32 bytes of local memory per thread in the tile loop); with 8 it
+    needs 206 and spills nothing. Not yet timed on a GPU.
+    """
     if _backend.interpreting_triton():
         return 16, 16, 16, 1
     bk = max(16, min(64, triton.next_power_of_2(k)))
-    return 64, 64, bk, 4
+    return 64, 64, bk, 8
 
 
 @triton.jit
@@ -70,7 +80,7 @@ def _row_norm_kernel(z_ptr, norm_ptr, K, stride_m, stride_k, BLOCK_K: tl.constex
 @triton.jit
 def _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-              DOT: tl.constexpr, IEEE: tl.constexpr):
+              DOT: tl.constexpr, PREC: tl.constexpr):
     """⟨z_r, z_c⟩ for a (BLOCK_M, BLOCK_N) tile of raw rows, accumulated in ACC."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     r_off = rows.to(tl.int64) * stride_m
@@ -80,10 +90,7 @@ def _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k,
         kmask = ks < K
         a = tl.load(z_ptr + r_off[:, None] + ks[None, :] * stride_k, mask=rmask[:, None] & kmask[None, :], other=0.0).to(DOT)
         b = tl.load(z_ptr + c_off[:, None] + ks[None, :] * stride_k, mask=cmask[:, None] & kmask[None, :], other=0.0).to(DOT)
-        if IEEE:
-            acc += tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
-        else:
-            acc += tl.dot(a, tl.trans(b), out_dtype=ACC)
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=ACC)
     return acc
 
 
@@ -119,7 +126,7 @@ def _pairs_positive_kernel(z_ptr, norm_ptr, crow_ptr, col_ptr, pos_ptr, cnt_ptr,
 def _forward_kernel(z_ptr, norm_ptr, labels_ptr, pos_ptr, cnt_ptr, loss_ptr, count_ptr, lse_ptr,
                     M, K, row_start, row_end, stride_m, stride_k, inv_tau_ptr,
                     HAS_LABELS: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     inv_tau = tl.load(inv_tau_ptr)
     rows = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
@@ -134,7 +141,7 @@ def _forward_kernel(z_ptr, norm_ptr, labels_ptr, pos_ptr, cnt_ptr, loss_ptr, cou
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
         inv_c = 1.0 / tl.maximum(tl.load(norm_ptr + cols, mask=cmask, other=1.0), EPS)
-        s = _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, IEEE)
+        s = _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
         x = s * inv_r[:, None] * inv_c[None, :] * inv_tau
         valid = cmask[None, :] & (rows[:, None] != cols[None, :])
         xm = tl.where(valid, x, float("-inf"))
@@ -163,7 +170,7 @@ def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr
                            M, K, row_start, row_end, stride_m, stride_k, inv_tau_ptr,
                            HAS_LABELS: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_KO: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                           IEEE: tl.constexpr):
+                           PREC: tl.constexpr, DOT_D: tl.constexpr, PREC_D: tl.constexpr):
     """dẑ (dense part) for one block of rows: Σ_j D_kj ẑ_j over the needed column tiles."""
     inv_tau = tl.load(inv_tau_ptr)
     r0 = tl.program_id(0) * BLOCK_M
@@ -190,7 +197,7 @@ def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr
         inv_c = 1.0 / tl.maximum(tl.load(norm_ptr + cols, mask=cmask, other=1.0), EPS)
         w_c = tl.load(w_ptr + cols, mask=cmask, other=0.0)
         lse_c = tl.load(lse_ptr + cols, mask=cmask, other=float("inf"))
-        s = _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, IEEE)
+        s = _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
         x = s * inv_r[:, None] * inv_c[None, :] * inv_tau
         d = w_r[:, None] * tl.exp(x - lse_r[:, None]) + w_c[None, :] * tl.exp(x - lse_c[None, :])
         if HAS_LABELS:
@@ -202,11 +209,8 @@ def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr
         # fold 1/τ and the candidates' inverse norms into D, then D·z_C (raw rows)
         d = tl.where(valid, d * inv_tau * inv_c[None, :], 0.0)
         zc = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_m + kos[None, :] * stride_k,
-                     mask=cmask[:, None] & komask[None, :], other=0.0).to(DOT)
-        if IEEE:
-            dacc += tl.dot(d.to(DOT), zc, input_precision="ieee", out_dtype=ACC)
-        else:
-            dacc += tl.dot(d.to(DOT), zc, out_dtype=ACC)
+                     mask=cmask[:, None] & komask[None, :], other=0.0).to(DOT_D)
+        dacc += tl.dot(d.to(DOT_D), zc, input_precision=PREC_D, out_dtype=ACC)
     tl.store(dzh_ptr + rows.to(tl.int64)[:, None] * K + kos[None, :], dacc, mask=rmask[:, None] & komask[None, :])
 
 
@@ -262,13 +266,27 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.
 
 
 def _dot_dtype(dtype):
-    """(tl.dot operand dtype, IEEE): the input's own (tensor cores for fp16/bf16), fp32 in IEEE, fp64."""
+    """(operand dtype, input_precision) of the similarity tiles: the input's own (tensor cores
+    for fp16/bf16, exact products of the raw rows), fp32 in IEEE (never TF32), fp64."""
     # 2026-11-22: the interpreter multiplies the raw bit patterns of bfloat16 tl.dot operands
     # (https://github.com/triton-lang/triton/issues/11584), so under TRITON_INTERPRET=1 bf16
     # products are fed as fp32; the GPU lane covers the bf16 dot.
     if dtype == torch.bfloat16 and _backend.interpreting_triton():
-        return tl.float32, True
-    return _TL[dtype], dtype == torch.float32
+        return tl.float32, "ieee"
+    return _TL[dtype], "ieee"
+
+
+def _dot_d_dtype(dtype):
+    """(operand dtype, input_precision) of the backward's D·Z product.
+
+    D's entries a·p/(τ‖z_c‖) are about 1/N² at batch size N (1e-8 at N = 8192): in fp16 they
+    flush to zero (smallest subnormal 6e-8), so fp16 inputs multiply in fp32 storage with TF32
+    inputs (fp16's own 10-bit mantissa, fp32's range; fp16 z converts exactly). bf16 has fp32's
+    range and keeps its own tensor-core dot.
+    """
+    if dtype == torch.float16:
+        return tl.float32, "tf32"
+    return _dot_dtype(dtype)
 
 
 def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
@@ -284,7 +302,7 @@ def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
     norm = _row_norms(z, acc)
     inv_tau = torch.full((1,), 1.0 / temperature, dtype=acc, device=z.device)
     bm, bn, bk, warps = _blocks(m, k)
-    dot, ieee = _dot_dtype(z.dtype)
+    dot, prec = _dot_dtype(z.dtype)
     if labels is None:
         pos = torch.empty(b, dtype=acc, device=z.device)
         cnt = torch.empty(b, dtype=acc, device=z.device)
@@ -298,7 +316,7 @@ def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
     _forward_kernel[(triton.cdiv(b, bm),)](
         z, norm, lab, pos, cnt, loss, count, lse, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
         HAS_LABELS=labels is not None, EPS=_NORM_EPS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_tl_dtype(acc),
-        DOT=dot, IEEE=ieee, num_warps=warps)
+        DOT=dot, PREC=prec, num_warps=warps)
     return loss, count, lse
 
 
@@ -327,13 +345,14 @@ def info_nce_backward(grad_rows, z, labels, crow, col, pos_count, lse, temperatu
     bko = min(128 if not _backend.interpreting_triton() else 32, max(16, triton.next_power_of_2(k)))
     if not _backend.interpreting_triton():
         warps = 8
-    dot, ieee = _dot_dtype(z.dtype)
+    dot, prec = _dot_dtype(z.dtype)
+    dot_d, prec_d = _dot_d_dtype(z.dtype)
     dzh = torch.empty((m, k), dtype=acc, device=z.device)
     lab = labels if labels is not None else norm
     _backward_tiles_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bko))](
         z, norm, lab, w, lse_w, invc, dzh, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
         HAS_LABELS=labels is not None, EPS=_NORM_EPS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KO=bko,
-        ACC=_tl_dtype(acc), DOT=dot, IEEE=ieee, num_warps=warps)
+        ACC=_tl_dtype(acc), DOT=dot, PREC=prec, DOT_D=dot_d, PREC_D=prec_d, num_warps=warps)
     pairs = labels is None
     _backward_rows_kernel[(m,)](
         z, norm, dzh, crow if pairs else norm, col if pairs else norm, w, invc, dz, k, z.stride(0), z.stride(1),
