@@ -125,7 +125,7 @@ def mce_pq_case(k, dtype=torch.float32, *, compile=False, note=""):
     return Case(
         loss="matrix_cross_entropy",
         name="mce",
-        shape={"K": k},
+        shape={"N": k, "K": k},  # P and Q are K×K: N (rows) = K
         dtype=dtype,
         make_inputs=mce_pq_inputs(k, dtype),
         sslops_fn=lambda p, q, backend: sslops.matrix_cross_entropy(p, q, order=ORDER, backend=backend),

@@ -336,9 +336,10 @@ def matrix_cross_entropy(p, q, *, order=4, method="taylor", check="raise", backe
         \qquad \partial\mathcal L/\partial Q = -G^\top + I,\;
         G = \textstyle\sum_{m<n} X^m \sum_{j\le n-1-m} c_{m+j+1} A_j
 
-    (Paterson–Stockmeyer for f, Horner in X for G): about 2(n - 1) K×K products in the
-    backward, against n + 1 for "log Q, then P·log Q" in the forward alone. The ``reference``
-    backend runs the same chain as PyTorch ops with autograd. The series is guarded like
+    (Paterson–Stockmeyer for f, Horner in X for G). Cost: n - 1 K×K products forward (one
+    fewer than "log Q, then P·log Q"), about 2(n - 1) backward, each only for the input that
+    needs a gradient (order 4: three forward, two for P and three for Q). The ``reference``
+    backend runs the same chain as PyTorch ops with autograd through it. The series is guarded like
     :func:`matrix_log` (``check``, on X, no extra product); P and Q need not be symmetric.
     ``method="eigh"``: the exact log of the symmetric part of Q, O(K³), autograd, no kernel.
 
