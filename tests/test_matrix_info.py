@@ -224,6 +224,24 @@ def test_guard_bound_and_estimate():
     assert float(matrix_guard.norm_bound(0.3 * torch.eye(4))) == pytest.approx(0.3)
 
 
+def test_guard_power_iteration_runs_serially_and_restores_threads():
+    """On CPU tensors the power iteration runs on one thread; the caller's thread count comes
+    back also when the guard raises, and the estimate is the same as with every thread."""
+    x = 1.2 * randn(97, 97, torch.float64, seed=4) / math.sqrt(97)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = float(matrix_guard.power_estimate(x))
+        assert torch.get_num_threads() == 2
+        parallel = float(matrix_guard._power_estimate(x, matrix_guard.POWER_STEPS, matrix_guard.POWER_VECTORS))
+        assert serial == pytest.approx(parallel, rel=1e-12)
+        with pytest.raises(ValueError, match="argument q"):
+            sslops.matrix_log(torch.eye(97, dtype=torch.float64) + x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_guard_matrix_log_raises_names_q():
     q = torch.eye(4, dtype=torch.float64) + torch.diag(torch.tensor([0.2, -0.3, 1.5, 0.1], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"argument q.*spectral radius|spectral radius.*argument q"):
