@@ -69,7 +69,21 @@ def info_nce_case(n, k, dtype, *, compile=True, note="", relation="two_views"):
         compile=compile,
         note=(_NOTES[relation] + "; " + note) if note else _NOTES[relation],
         name="info_nce" if relation == "two_views" else f"info_nce[{relation}]",
+        skip_backends=_slow_backends(n, k),
     )
+
+
+# The CUDA C++ InfoNCE kernel multiplies with FP32 FMAs, not tensor cores: about 2·N²·K·3
+# flops at a few tens of TFLOP/s means seconds per call from N ≈ 65536 (K = 256), and
+# minutes of device time per case once repeated for timing. Triton is the GPU path there.
+CUDA_FMA_MAX_WORK = 32768 * 32768 * 256
+
+
+def _slow_backends(n, k):
+    if n * n * k > CUDA_FMA_MAX_WORK:
+        return {"cuda": f"not timed at N={n}, K={k}: the CUDA C++ kernel uses FP32 FMA (no tensor cores), "
+                        "seconds per call here; the Triton kernel is the GPU path"}
+    return {}
 
 
 def cases(device, full):

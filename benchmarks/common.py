@@ -101,6 +101,9 @@ class Case:
         note: free text stored with every row of this case.
         name: the name shown and stored (defaults to ``loss``; e.g. ``"nt_xent"``).
         compile: whether to try the ``compile`` provider for this case.
+        skip_backends: ``{backend: reason}``: sslops backends not run for this case,
+            recorded as skipped with the reason (e.g. a kernel known to be far too slow
+            at this size to be worth the device time).
     """
 
     loss: str
@@ -114,6 +117,7 @@ class Case:
     note: str = ""
     name: str = ""
     compile: bool = True
+    skip_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.name:
@@ -415,6 +419,9 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
     for backend in sslops.kernel_backends(case.loss, device):
         if backend == "triton" and device.type != "cuda":
             continue  # the Triton interpreter is for tests, not a benchmark provider
+        if backend in case.skip_backends:
+            out.append((f"sslops-{backend}", None, case.skip_backends[backend]))
+            continue
         out.append((f"sslops-{backend}", functools.partial(case.sslops_fn, backend=backend), None))
     if with_compile and case.compile:
         out.append(("compile", COMPILE, None))

@@ -225,3 +225,23 @@ def test_cuda_measurement_end_to_end(tmp_path):
     for name, row in rows.items():  # the kernels' correctness is their own tests' job; here: recorded either way
         if name.startswith("sslops-"):
             assert (row["status"] == "ok" and row["median_ms"] > 0) or (row["status"] == "failed" and row["error"])
+
+
+def test_skip_backends_records_the_reason_instead_of_running():
+    case = common.Case(
+        loss="vicreg", shape={"N": 8, "K": 4}, dtype=torch.float32,
+        make_inputs=common.randn_inputs((8, 4), (8, 4), dtype=torch.float32),
+        sslops_fn=lambda a, b, backend: sslops.vicreg_loss(a, b, backend=backend),
+        naive_fn=reference.vicreg_loss, compile=False, skip_backends={"cpu": "too slow here"},
+    )
+    rows = {r["provider"]: r for r in common.run_case(case, torch.device("cpu"), with_compile=False, min_run_time=0.01)}
+    assert rows["sslops-cpu"]["status"] == "skipped" and rows["sslops-cpu"]["error"] == "too slow here"
+    assert rows["naive"]["status"] == "ok"
+
+
+def test_infonce_cases_skip_the_fma_cuda_kernel_only_at_large_sizes():
+    from benchmarks import bench_infonce
+
+    big = [c for c in bench_infonce.cases("cuda", full=True) if c.shape["N"] >= 65536]
+    assert big and all("cuda" in c.skip_backends for c in big)
+    assert not bench_infonce.info_nce_case(32768, 256, torch.bfloat16).skip_backends
