@@ -50,6 +50,7 @@ backward 2NK·min(N, K) flops for the apply, D² read, NK read twice, NK written
 + an fp32 NK buffer written and read twice).
 """
 
+import functools
 import math
 
 import torch
@@ -96,43 +97,79 @@ def _prec(dtype, precision):
 
 
 @triton.jit
-def _col_stats_kernel(z, other, mean, m2, sq, N, K, HAS_OTHER: tl.constexpr, BLOCK_N: tl.constexpr,
+def _col_stats_kernel(z, other, pmean, pm2, psq, N, K, CHUNK, HAS_OTHER: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """mean_k, m2_k of a block of columns (two passes over the rows); with HAS_OTHER the first
-    pass also sums sq_k = Σ_n (z_nk - other_nk)² while z's tile is in registers."""
+    """Statistics of one (row chunk, column block) of z, rows [c·CHUNK, min((c+1)·CHUNK, N)):
+    pmean[c, k] = chunk mean, pm2[c, k] = Σ (z - chunk mean)² (two passes over the chunk's rows,
+    no Σz² - n·mean² cancellation); with HAS_OTHER the first pass also sums psq[c, k] = Σ (z - other)²
+    while z's tile is in registers. With one chunk these are the column mean, m2 and sq."""
     pid = tl.program_id(0)
+    c = tl.program_id(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
-    acc_t = mean.dtype.element_ty
+    acc_t = pmean.dtype.element_ty
+    r_lo = c * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, N)
     s = tl.zeros([BLOCK_K], acc_t)
     e = tl.zeros([BLOCK_K], acc_t)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
+        m = (rows[:, None] < r_hi) & cmask[None, :]
         off = rows[:, None].to(tl.int64) * K + cols[None, :]
         x = tl.load(z + off, mask=m, other=0.0).to(acc_t)
         s += tl.sum(x, 0)
         if HAS_OTHER:
             d = x - tl.load(other + off, mask=m, other=0.0).to(acc_t)
             e += tl.sum(d * d, 0)
+    out = c.to(tl.int64) * K + cols
     if HAS_OTHER:
-        tl.store(sq + cols, e, mask=cmask)
-    mu = s / N
+        tl.store(psq + out, e, mask=cmask)
+    mu = s / (r_hi - r_lo)
     q = tl.zeros([BLOCK_K], acc_t)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
+        m = (rows[:, None] < r_hi) & cmask[None, :]
         x = tl.load(z + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0).to(acc_t)
         d = tl.where(m, x - mu[None, :], 0.0)
         q += tl.sum(d * d, 0)
-    tl.store(mean + cols, mu, mask=cmask)
-    tl.store(m2 + cols, q, mask=cmask)
+    tl.store(pmean + out, mu, mask=cmask)
+    tl.store(pm2 + out, q, mask=cmask)
 
 
 @triton.jit
-def _col_dot_kernel(za, ma, sa, zb, mb, sb, out, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out_k = Σ_n Â_nk B̂_nk (Barlow's diagonal c_kk)."""
+def _chan_merge_kernel(pmean, pm2, psq, mean, m2, sq, N, K, CHUNK, CHUNKS, HAS_OTHER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Merge the per-chunk (count n_c, mean_c, m2_c) of _col_stats_kernel, chunks in index order:
+    mean = Σ_c n_c·mean_c / N,  m2 = Σ_c [m2_c + n_c·(mean_c - mean)²]  (Chan et al.'s pairwise
+    update applied to all chunks at once: every term is a centred square, no cancellation),
+    sq = Σ_c sq_c. A NaN in any chunk reaches mean and m2."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    cols64 = cols.to(tl.int64)
+    acc_t = mean.dtype.element_ty
+    s = tl.zeros([BLOCK_K], acc_t)
+    e = tl.zeros([BLOCK_K], acc_t)
+    for c in range(0, CHUNKS):
+        off = c * K + cols64
+        s += tl.minimum(CHUNK, N - c * CHUNK) * tl.load(pmean + off, mask=cmask, other=0.0)
+        if HAS_OTHER:
+            e += tl.load(psq + off, mask=cmask, other=0.0)
+    mu = s / N
+    q = tl.zeros([BLOCK_K], acc_t)
+    for c in range(0, CHUNKS):
+        off = c * K + cols64
+        d = tl.load(pmean + off, mask=cmask, other=0.0) - mu
+        q += tl.load(pm2 + off, mask=cmask, other=0.0) + tl.minimum(CHUNK, N - c * CHUNK) * d * d
+    tl.store(mean + cols, mu, mask=cmask)
+    tl.store(m2 + cols, q, mask=cmask)
+    if HAS_OTHER:
+        tl.store(sq + cols, e, mask=cmask)
+
+
+@triton.jit
+def _col_dot_kernel(za, ma, sa, zb, mb, sb, out, N, K, CHUNK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[c, k] = Σ Â_nk B̂_nk over the rows n of chunk c (Barlow's diagonal c_kk, summed over chunks by the launcher)."""
     pid = tl.program_id(0)
+    c = tl.program_id(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     acc_t = out.dtype.element_ty
@@ -140,15 +177,17 @@ def _col_dot_kernel(za, ma, sa, zb, mb, sb, out, N, K, BLOCK_N: tl.constexpr, BL
     sca = tl.load(sa + cols, mask=cmask, other=0.0)
     mub = tl.load(mb + cols, mask=cmask, other=0.0)
     scb = tl.load(sb + cols, mask=cmask, other=0.0)
+    r_lo = c * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, N)
     s = tl.zeros([BLOCK_K], acc_t)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
+        m = (rows[:, None] < r_hi) & cmask[None, :]
         off = rows[:, None].to(tl.int64) * K + cols[None, :]
         a = (tl.load(za + off, mask=m, other=0.0).to(acc_t) - mua[None, :]) * sca[None, :]
         b = (tl.load(zb + off, mask=m, other=0.0).to(acc_t) - mub[None, :]) * scb[None, :]
         s += tl.sum(tl.where(m, a * b, 0.0), 0)
-    tl.store(out + cols, s, mask=cmask)
+    tl.store(out + c.to(tl.int64) * K + cols, s, mask=cmask)
 
 
 @triton.jit
@@ -271,26 +310,62 @@ def _apply_kernel(z, mz, sz, mat, sm0, sm1, ez, emz, esz, eo, w, coef, out, N, K
 
 
 @triton.jit
-def _bn_finish_kernel(d, z, mz, sz, out, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = scale·(d - colmean(d) - Ẑ·colsum(d ⊙ Ẑ)): batch-norm's backward through Ẑ = (z - mean)·scale."""
+def _bn_sums_kernel(d, z, mz, sz, part, N, K, CHUNK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[0, c, k] = Σ d, part[1, c, k] = Σ d ⊙ Ẑ over the rows of chunk c (the column sums of
+    batch-norm's backward, split over row chunks; the launcher adds the chunks in a fixed order)."""
     pid = tl.program_id(0)
+    c = tl.program_id(1)
+    chunks = tl.num_programs(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     acc_t = d.dtype.element_ty
+    r_lo = c * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, N)
     s1 = tl.zeros([BLOCK_K], acc_t)
     s2 = tl.zeros([BLOCK_K], acc_t)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
+        m = (rows[:, None] < r_hi) & cmask[None, :]
         dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
         zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
         s1 += tl.sum(dv, 0)
         s2 += tl.sum(dv * zh, 0)
+    out = c.to(tl.int64) * K + cols
+    tl.store(part + out, s1, mask=cmask)
+    tl.store(part + chunks.to(tl.int64) * K + out, s2, mask=cmask)
+
+
+@triton.jit
+def _bn_finish_kernel(d, z, mz, sz, sums, out, N, K, CHUNK, SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """out = scale·(d - colmean(d) - Ẑ·colsum(d ⊙ Ẑ)): batch-norm's backward through Ẑ = (z - mean)·scale,
+    on rows [c·CHUNK, min((c+1)·CHUNK, N)). SUMS: the column sums Σd, Σd⊙Ẑ are given (sums[0, k],
+    sums[1, k], from _bn_sums_kernel); otherwise (one chunk: every row) a first pass computes them."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    acc_t = d.dtype.element_ty
+    r_lo = c * CHUNK
+    r_hi = tl.minimum(r_lo + CHUNK, N)
+    if SUMS:
+        s1 = tl.load(sums + cols, mask=cmask, other=0.0)
+        s2 = tl.load(sums + K + cols, mask=cmask, other=0.0)
+    else:
+        s1 = tl.zeros([BLOCK_K], acc_t)
+        s2 = tl.zeros([BLOCK_K], acc_t)
+        for r0 in range(r_lo, r_hi, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            m = (rows[:, None] < r_hi) & cmask[None, :]
+            dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
+            zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
+            s1 += tl.sum(dv, 0)
+            s2 += tl.sum(dv * zh, 0)
     s1 = s1 / N
     scale = tl.load(sz + cols, mask=cmask, other=0.0)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < N) & cmask[None, :]
+        m = (rows[:, None] < r_hi) & cmask[None, :]
         off = rows[:, None].to(tl.int64) * K + cols[None, :]
         dv = tl.load(d + off, mask=m, other=0.0)
         zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
@@ -305,25 +380,90 @@ def _col_blocks():
     return (16, 16) if interpreting_triton() else (64, 64)
 
 
+# Rows per chunk of the column reductions (_col_stats_kernel, _bn_finish_kernel): None sizes the
+# chunks so the grid fills ~4 programs per SM; an int fixes it (a test hook: tiny inputs in
+# several chunks under the interpreter). At least _MIN_CHUNK rows per chunk on a GPU.
+_ROW_CHUNK = None
+_MIN_CHUNK = 256
+_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _row_chunks(n, col_blocks, block_n, device):
+    """(rows per chunk, number of chunks) of a column reduction over n rows in col_blocks column blocks.
+
+    A grid of col_blocks × chunks programs; chunks = 1 (one program per column block, every row)
+    under the interpreter, and whenever the columns alone fill the GPU."""
+    if _ROW_CHUNK is not None:
+        chunk = max(1, int(_ROW_CHUNK))
+    elif interpreting_triton():
+        chunk = max(1, n)
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
+        want = max(1, _PROGRAMS_PER_SM * sms // col_blocks)
+        chunk = max(_MIN_CHUNK, triton.cdiv(n, want))
+        chunk = triton.cdiv(chunk, block_n) * block_n
+    return chunk, max(1, triton.cdiv(n, chunk))
+
+
 def _col_stats(z, other=None):
-    """(mean, m2, sq): sq_k = Σ_n (z_nk - other_nk)² from the mean pass, or None without ``other``."""
+    """(mean, m2, sq): sq_k = Σ_n (z_nk - other_nk)² from the mean pass, or None without ``other``.
+
+    One chunk: _col_stats_kernel writes the results. Several: per-chunk (mean, m2, sq) in
+    (chunks, K) buffers, merged by _chan_merge_kernel in chunk order (no atomics: bit-identical
+    reruns)."""
     n, k = z.shape
     acc = _acc(z.dtype)
+    bn, bk = _col_blocks()
+    col_blocks = triton.cdiv(k, bk)
+    chunk, chunks = _row_chunks(n, col_blocks, bn, z.device)
+    has_other = other is not None
+    pmean = torch.empty((chunks, k), dtype=acc, device=z.device)
+    pm2 = torch.empty((chunks, k), dtype=acc, device=z.device)
+    psq = torch.empty((chunks, k), dtype=acc, device=z.device) if has_other else pmean
+    _col_stats_kernel[(col_blocks, chunks)](z, other if has_other else z, pmean, pm2, psq, n, k, chunk,
+                                            HAS_OTHER=has_other, BLOCK_N=bn, BLOCK_K=bk)
+    if chunks == 1:
+        return pmean[0], pm2[0], (psq[0] if has_other else None)
     mean = torch.empty(k, dtype=acc, device=z.device)
     m2 = torch.empty(k, dtype=acc, device=z.device)
-    sq = torch.empty(k, dtype=acc, device=z.device) if other is not None else None
+    sq = torch.empty(k, dtype=acc, device=z.device) if has_other else mean
+    _chan_merge_kernel[(col_blocks,)](pmean, pm2, psq, mean, m2, sq, n, k, chunk, chunks, HAS_OTHER=has_other, BLOCK_K=bk)
+    return mean, m2, (sq if has_other else None)
+
+
+def _bn_finish(d, view, out):
+    """out ← batch-norm backward of dÂ = d through view = (z, mean, scale); one launch when the
+    rows form one chunk, else column sums per chunk, added over chunks by torch (fixed order),
+    then the elementwise pass on the same (column block, row chunk) grid."""
+    n, k = d.shape
     bn, bk = _col_blocks()
-    _col_stats_kernel[(triton.cdiv(k, bk),)](z, other if other is not None else z, mean, m2, sq if sq is not None else mean, n, k,
-                                             HAS_OTHER=other is not None, BLOCK_N=bn, BLOCK_K=bk)
-    return mean, m2, sq
+    col_blocks = triton.cdiv(k, bk)
+    chunk, chunks = _row_chunks(n, col_blocks, bn, d.device)
+    grid = (col_blocks, chunks)
+    if chunks == 1:
+        _bn_finish_kernel[grid](d, *view, d, out, n, k, chunk, SUMS=False, BLOCK_N=bn, BLOCK_K=bk)
+        return out
+    part = torch.empty((2, chunks, k), dtype=d.dtype, device=d.device)
+    _bn_sums_kernel[grid](d, *view, part, n, k, chunk, BLOCK_N=bn, BLOCK_K=bk)
+    sums = part.sum(1)
+    _bn_finish_kernel[grid](d, *view, sums, out, n, k, chunk, SUMS=True, BLOCK_N=bn, BLOCK_K=bk)
+    return out
 
 
 def _col_dot(za, ma, sa, zb, mb, sb):
+    """Σ_n Â_nk B̂_nk per column: per-chunk sums, added over chunks by torch (fixed order) when there are several."""
     n, k = za.shape
-    out = torch.empty(k, dtype=ma.dtype, device=za.device)
     bn, bk = _col_blocks()
-    _col_dot_kernel[(triton.cdiv(k, bk),)](za, ma, sa, zb, mb, sb, out, n, k, BLOCK_N=bn, BLOCK_K=bk)
-    return out
+    col_blocks = triton.cdiv(k, bk)
+    chunk, chunks = _row_chunks(n, col_blocks, bn, za.device)
+    out = torch.empty((chunks, k), dtype=ma.dtype, device=za.device)
+    _col_dot_kernel[(col_blocks, chunks)](za, ma, sa, zb, mb, sb, out, n, k, chunk, BLOCK_N=bn, BLOCK_K=bk)
+    return out[0] if chunks == 1 else out.sum(0)
 
 
 def _product(a, b, gram, precision, *, second=None, skip_diag=False, sym=False, store=False, reduce=True):
@@ -468,8 +608,6 @@ def barlow_twins_backward(grad, z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a
         _apply(va, cm, False, False, 1, va, None, w, c, d_b, precision)  # dB̂ = 2λ·Âc + Â·D
     out_a = torch.empty_like(z_a)
     out_b = torch.empty_like(z_b)
-    bn, bk = _col_blocks()
-    grid = (triton.cdiv(k, bk),)
-    _bn_finish_kernel[grid](d_a, *va, out_a, n, k, BLOCK_N=bn, BLOCK_K=bk)
-    _bn_finish_kernel[grid](d_b, *vb, out_b, n, k, BLOCK_N=bn, BLOCK_K=bk)
+    _bn_finish(d_a, va, out_a)
+    _bn_finish(d_b, vb, out_b)
     return out_a, out_b
