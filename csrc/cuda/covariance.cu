@@ -1,18 +1,24 @@
 // Covariance-family losses on the GPU (CUDA C++): VICReg per view and Barlow Twins, forward
 // and backward. Same decomposition and gradients as csrc/cpu/covariance.cpp (see there):
 //
-//   normalise_kernel   column mean, m2 (two passes over the rows, one block per 32 columns),
-//                      then the scaled centred copy Â = (z - mean)·scale in fp32 (fp64 for fp64);
-//                      for VICReg's first view the mean pass also sums Σ_n (z_a - z_b)² per
-//                      column (the view op's `other`: z_b read once there, no invariance pass
-//                      of its own), columns then added in double by at::sum (deterministic)
+//   normalise_kernel   column mean, m2 (two passes over the rows), then the scaled centred
+//                      copy Â = (z - mean)·scale in fp32 (fp64 for fp64); for VICReg's first
+//                      view the mean pass also sums Σ_n (z_a - z_b)² per column (the view op's
+//                      `other`: z_b read once there, no invariance pass of its own), columns
+//                      then added in double by at::sum (deterministic). Grid: 32-column slices
+//                      × row chunks sized to ~4 blocks per SM (row_chunks, column_reduce.cuh);
+//                      with one chunk one fused launch, with several per-chunk (mean, m2, sq)
+//                      merged in chunk order by Chan's formula (column_merge_kernel: no
+//                      atomics, bit-identical reruns), then Â on the same grid
 //   at::mm             the product on the cheaper side: ÂᵀB̂ (K×K) or ÂÂᵀ, B̂B̂ᵀ (N×N Gram)
 //   dot_partials       Σ a⊙b of two products (diagonal skipped on the K×K route), per-block
 //                      partials in double, added by at::sum (deterministic, no atomics)
 //   vicreg_dz_kernel   VICReg's whole dz in one elementwise pass: hinge, diagonal and
 //                      covariance terms plus the fused invariance term coef·(z - other)
 //   bn_finish_kernel   Barlow's dÂ = g(2λ·P + B̂·D) and the batch-norm backward
-//                      rstd/sqrt(N)·(dÂ - colmean dÂ - Â·colsum(dÂ ⊙ Â)), per column block
+//                      rstd/sqrt(N)·(dÂ - colmean dÂ - Â·colsum(dÂ ⊙ Â)), on the same
+//                      (column slice, row chunk) grid; with several chunks the column sums
+//                      come per chunk from bn_sums_kernel, added over chunks by at::sum
 //
 // Scalars that live on the device (the incoming gradient, coefficients) are read by the
 // kernels from device memory: no host synchronisation in forward or backward.
@@ -21,13 +27,16 @@
 // forward min(2NK², 2N²K) per VICReg view, min(2NK², 4N²K) for Barlow; backward twice that.
 // Bytes: each input read 3 times by its forward, plus z_b once in z_a's mean pass (7·NK reads
 // for VICReg's two views, one pass fewer than a separate Σ(z_a - z_b)² pass), an fp32 NK copy
-// written and read, the min(N,K)² product.
+// written and read, the min(N,K)² product; with several row chunks + (3 or 4)·chunks·K
+// accumulator-sized partials (chunks ≤ 4·SMs), negligible next to NK.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "column_reduce.cuh"
 #include "stream.h"
@@ -51,10 +60,12 @@ bool use_gram(int64_t route, double gram_cost, double kk_cost) {
 at::ScalarType acc_dtype_of(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // MODE 0 (VICReg): scale = 1/sqrt(N-1).  MODE 1 (Barlow): rstd = 1/sqrt(m2/N + eps), scale = rstd/sqrt(N).
-// HAVE_STATS: mean (and rstd for MODE 1) are given; only Â is written. Otherwise, with other
-// non-null, sq[col] = Σ_n (z - other)² from the mean pass.
+// Block (blockIdx.x, blockIdx.y) writes Â on rows [blockIdx.y·chunk, +chunk) of its 32 columns.
+// HAVE_STATS: mean (and rstd for MODE 1) are given; only Â is written. Otherwise (a grid of one
+// row chunk: every row) the block first computes mean, m2 (and rstd) of its columns and, with
+// other non-null, sq[col] = Σ_n (z - other)² from the mean pass.
 template <typename scalar_t, typename acc_t, int MODE, bool HAVE_STATS>
-__global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int64_t k, acc_t* __restrict__ mean,
+__global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int64_t k, int64_t chunk, acc_t* __restrict__ mean,
                                  acc_t* __restrict__ m2, acc_t* __restrict__ rstd, acc_t eps, acc_t* __restrict__ out,
                                  const scalar_t* __restrict__ other, acc_t* __restrict__ sq) {
   __shared__ acc_t partial[kRows][kCols];
@@ -62,6 +73,8 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
   __shared__ acc_t col_scale[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t r_hi = std::min(n, r_lo + chunk);
   const bool live = col < k;
   if (HAVE_STATS) {
     if (ty == 0) {
@@ -73,7 +86,7 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
   } else {
     __shared__ acc_t col_m2[kCols];
     __shared__ acc_t col_sq[kCols];
-    block_column_moments(z, n, k, col, partial, col_mean, col_m2, other, col_sq);
+    block_column_moments(z, r_lo, r_hi, k, col, partial, col_mean, col_m2, other, col_sq);
     if (ty == 0) {
       const acc_t t = col_m2[tx];
       acc_t scale;
@@ -95,7 +108,7 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
   }
   if (!live) return;
   const acc_t mu = col_mean[tx], sc = col_scale[tx];
-  for (int64_t r = ty; r < n; r += kRows) out[r * k + col] = (static_cast<acc_t>(z[r * k + col]) - mu) * sc;
+  for (int64_t r = r_lo + ty; r < r_hi; r += kRows) out[r * k + col] = (static_cast<acc_t>(z[r * k + col]) - mu) * sc;
 }
 
 constexpr int kReduceThreads = 256;
@@ -153,21 +166,15 @@ __global__ void vicreg_dz_kernel(const acc_t* __restrict__ zh, const acc_t* __re
   }
 }
 
-// d = c0·p + other·w[c]; out = scale[c]·(d - colmean d - self·colsum(d ⊙ self))
-template <typename scalar_t, typename acc_t>
-__global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
-                                 const acc_t* __restrict__ w, const acc_t* __restrict__ coef, const acc_t* __restrict__ rstd,
-                                 int64_t n, int64_t k, scalar_t* __restrict__ out) {
-  __shared__ acc_t p1[kRows][kCols];
-  __shared__ acc_t p2[kRows][kCols];
+// d = c0·p + other·w[c]; per row chunk: part[0][chunk][col] = Σ d, part[1][chunk][col] = Σ d ⊙ self
+template <typename acc_t>
+__device__ void bn_block_sums(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
+                              acc_t c0, acc_t wc, int64_t r_lo, int64_t r_hi, int64_t k, int64_t col, acc_t (&p1)[kRows][kCols],
+                              acc_t (&p2)[kRows][kCols], acc_t& sum_d, acc_t& sum_ds) {
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
-  const bool live = col < k;
-  const acc_t c0 = coef[0];
-  const acc_t wc = live ? w[col] : acc_t(0);
   acc_t s1 = 0, s2 = 0;
-  if (live)
-    for (int64_t r = ty; r < n; r += kRows) {
+  if (col < k)
+    for (int64_t r = r_lo + ty; r < r_hi; r += kRows) {
       const int64_t i = r * k + col;
       const acc_t d = c0 * p[i] + other[i] * wc;
       s1 += d;
@@ -176,35 +183,103 @@ __global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __res
   p1[ty][tx] = s1;
   p2[ty][tx] = s2;
   __syncthreads();
-  if (ty == 0) {
-    acc_t a = 0, b = 0;
-    for (int j = 0; j < kRows; ++j) {
-      a += p1[j][tx];
-      b += p2[j][tx];
-    }
-    p1[0][tx] = a / static_cast<acc_t>(n);
-    p2[0][tx] = b;
+  acc_t a = 0, b = 0;
+  for (int j = 0; j < kRows; ++j) {  // every thread adds its column's rows in the same order
+    a += p1[j][tx];
+    b += p2[j][tx];
   }
-  __syncthreads();
+  sum_d = a;
+  sum_ds = b;
+}
+
+template <typename acc_t>
+__global__ void bn_sums_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
+                               const acc_t* __restrict__ w, const acc_t* __restrict__ coef, int64_t n, int64_t k, int64_t chunk,
+                               acc_t* __restrict__ part) {
+  __shared__ acc_t p1[kRows][kCols];
+  __shared__ acc_t p2[kRows][kCols];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = std::min(n, r_lo + chunk);
+  acc_t a, b;
+  bn_block_sums(p, self, other, coef[0], col < k ? w[col] : acc_t(0), r_lo, r_hi, k, col, p1, p2, a, b);
+  if (threadIdx.y == 0 && col < k) {
+    const int64_t i = static_cast<int64_t>(blockIdx.y) * k + col;
+    part[i] = a;
+    part[static_cast<int64_t>(gridDim.y) * k + i] = b;
+  }
+}
+
+// out = scale[c]·(d - colmean d - self·colsum(d ⊙ self)) on rows [blockIdx.y·chunk, +chunk);
+// sums (2, K) = (Σ d, Σ d ⊙ self) given, or nullptr (a one-chunk grid: the block computes them).
+template <typename scalar_t, typename acc_t>
+__global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
+                                 const acc_t* __restrict__ w, const acc_t* __restrict__ coef, const acc_t* __restrict__ rstd,
+                                 const acc_t* __restrict__ sums, int64_t n, int64_t k, int64_t chunk, scalar_t* __restrict__ out) {
+  __shared__ acc_t p1[kRows][kCols];
+  __shared__ acc_t p2[kRows][kCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
+  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = std::min(n, r_lo + chunk);
+  const bool live = col < k;
+  const acc_t c0 = coef[0];
+  const acc_t wc = live ? w[col] : acc_t(0);
+  acc_t sum_d = 0, dot = 0;
+  if (sums == nullptr) {  // uniform over the grid
+    bn_block_sums(p, self, other, c0, wc, r_lo, r_hi, k, col, p1, p2, sum_d, dot);
+  } else if (live) {
+    sum_d = sums[col];
+    dot = sums[k + col];
+  }
   if (!live) return;
-  const acc_t mean_d = p1[0][tx], dot = p2[0][tx];
+  const acc_t mean_d = sum_d / static_cast<acc_t>(n);
   const acc_t scale = rstd[col] / sqrt(static_cast<acc_t>(n));
-  for (int64_t r = ty; r < n; r += kRows) {
+  for (int64_t r = r_lo + ty; r < r_hi; r += kRows) {
     const int64_t i = r * k + col;
     const acc_t d = c0 * p[i] + other[i] * wc;
     out[i] = static_cast<scalar_t>(scale * (d - mean_d - self[i] * dot));
   }
 }
 
+// dA → dz for one view: one launch when the rows form one chunk, else per-chunk column sums,
+// added over chunks by at::sum (fixed order), then the elementwise pass on the chunk grid.
+template <typename scalar_t, typename acc_t>
+void bn_finish(const at::Tensor& p, const at::Tensor& self, const at::Tensor& other, const at::Tensor& w, const at::Tensor& c,
+               const at::Tensor& rs, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = self.size(0), k = self.size(1);
+  const int64_t col_blocks = (k + kCols - 1) / kCols;
+  const std::pair<int64_t, int64_t> split = row_chunks(n, col_blocks, self.device().index());
+  const int64_t chunk = split.first, chunks = split.second;
+  const dim3 block(kCols, kRows), grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
+  at::Tensor sums;
+  if (chunks > 1) {
+    at::Tensor part = at::empty({2, chunks, k}, self.options());
+    bn_sums_kernel<acc_t><<<grid, block, 0, stream>>>(p.data_ptr<acc_t>(), self.data_ptr<acc_t>(), other.data_ptr<acc_t>(),
+                                                      w.data_ptr<acc_t>(), c.data_ptr<acc_t>(), n, k, chunk, part.data_ptr<acc_t>());
+    SSLOPS_CUDA_CHECK_LAUNCH();
+    sums = part.sum(1).contiguous();
+  }
+  bn_finish_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(p.data_ptr<acc_t>(), self.data_ptr<acc_t>(), other.data_ptr<acc_t>(),
+                                                                w.data_ptr<acc_t>(), c.data_ptr<acc_t>(), rs.data_ptr<acc_t>(),
+                                                                sums.defined() ? sums.data_ptr<acc_t>() : nullptr, n, k, chunk,
+                                                                out.data_ptr<scalar_t>());
+  SSLOPS_CUDA_CHECK_LAUNCH();
+}
+
 int grid_for(int64_t numel) { return static_cast<int>(std::min<int64_t>(4096, std::max<int64_t>(1, (numel + 255) / 256))); }
 
 // Â (fp32/fp64) and, when !have_stats, mean/m2/rstd (and, given other and sq, sq_k = Σ_n (z - other)²).
+// Grid (32-column slices) × (row chunks, row_chunks in column_reduce.cuh). Statistics with one
+// chunk: normalise_kernel computes them and writes Â in one launch. With several: per-chunk
+// statistics (column_chunk_kernel), merged in chunk order (column_merge_kernel), then Â.
 template <int MODE>
 void normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2, at::Tensor& rstd, double eps, at::Tensor& out, bool have_stats,
                cudaStream_t stream, const at::Tensor* other = nullptr, at::Tensor* sq = nullptr) {
   const int64_t n = z.size(0), k = z.size(1);
   if (k == 0 || n == 0) return;
-  const dim3 block(kCols, kRows), grid(static_cast<unsigned>((k + kCols - 1) / kCols));
+  const int64_t col_blocks = (k + kCols - 1) / kCols;
+  const std::pair<int64_t, int64_t> split = row_chunks(n, col_blocks, z.device().index());
+  const int64_t chunk = split.first, chunks = split.second;
+  const dim3 block(kCols, kRows), grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "covariance_normalise", [&] {
     using acc = at::opmath_type<scalar_t>;
     acc* m2p = m2.defined() ? m2.data_ptr<acc>() : nullptr;
@@ -212,13 +287,28 @@ void normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2, at::Tensor
     const bool fuse = !have_stats && other != nullptr && sq != nullptr;
     const scalar_t* op = fuse ? other->data_ptr<scalar_t>() : nullptr;
     acc* sqp = fuse ? sq->data_ptr<acc>() : nullptr;
-    if (have_stats)
-      normalise_kernel<scalar_t, acc, MODE, true><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, mean.data_ptr<acc>(), m2p,
-                                                                              rsp, static_cast<acc>(eps), out.data_ptr<acc>(),
-                                                                              nullptr, nullptr);
-    else
-      normalise_kernel<scalar_t, acc, MODE, false><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, mean.data_ptr<acc>(), m2p,
-                                                                               rsp, static_cast<acc>(eps), out.data_ptr<acc>(), op, sqp);
+    if (!have_stats && chunks == 1) {
+      normalise_kernel<scalar_t, acc, MODE, false><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, chunk, mean.data_ptr<acc>(),
+                                                                               m2p, rsp, static_cast<acc>(eps), out.data_ptr<acc>(), op,
+                                                                               sqp);
+      return;
+    }
+    if (!have_stats) {
+      at::Tensor pmean = at::empty({chunks, k}, mean.options()), pm2 = at::empty({chunks, k}, mean.options());
+      at::Tensor psq = fuse ? at::empty({chunks, k}, mean.options()) : at::Tensor();
+      acc* psqp = fuse ? psq.data_ptr<acc>() : nullptr;
+      column_chunk_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), op, n, k, chunk, pmean.data_ptr<acc>(),
+                                                                     pm2.data_ptr<acc>(), psqp);
+      SSLOPS_CUDA_CHECK_LAUNCH();
+      const unsigned merge_blocks = static_cast<unsigned>((k + kMergeThreads - 1) / kMergeThreads);
+      column_merge_kernel<acc><<<merge_blocks, kMergeThreads, 0, stream>>>(pmean.data_ptr<acc>(), pm2.data_ptr<acc>(), psqp, n, k, chunk,
+                                                                          chunks, mean.data_ptr<acc>(), m2p, sqp,
+                                                                          MODE == 1 ? rsp : nullptr, static_cast<acc>(eps));
+      SSLOPS_CUDA_CHECK_LAUNCH();
+    }
+    normalise_kernel<scalar_t, acc, MODE, true><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), n, k, chunk, mean.data_ptr<acc>(), m2p,
+                                                                            rsp, static_cast<acc>(eps), out.data_ptr<acc>(), nullptr,
+                                                                            nullptr);
   });
   SSLOPS_CUDA_CHECK_LAUNCH();
 }
@@ -366,17 +456,11 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins_backward_cuda(const at::Tensor& 
   }
   at::Tensor dza = at::empty({n, k}, za.options()), dzb = at::empty({n, k}, za.options());
   if (n * k == 0) return {dza, dzb};
-  const dim3 block(kCols, kRows), grid(static_cast<unsigned>((k + kCols - 1) / kCols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "barlow_twins_backward_cxx", [&] {
     using a_t = at::opmath_type<scalar_t>;
-    bn_finish_kernel<scalar_t, a_t><<<grid, block, 0, stream>>>(p.data_ptr<a_t>(), ah.data_ptr<a_t>(), bh.data_ptr<a_t>(),
-                                                                w.data_ptr<a_t>(), c.data_ptr<a_t>(), ra.data_ptr<a_t>(), n, k,
-                                                                dza.data_ptr<scalar_t>());
-    bn_finish_kernel<scalar_t, a_t><<<grid, block, 0, stream>>>(q.data_ptr<a_t>(), bh.data_ptr<a_t>(), ah.data_ptr<a_t>(),
-                                                                w.data_ptr<a_t>(), c.data_ptr<a_t>(), rb.data_ptr<a_t>(), n, k,
-                                                                dzb.data_ptr<scalar_t>());
+    bn_finish<scalar_t, a_t>(p, ah, bh, w, c, ra, dza, stream);
+    bn_finish<scalar_t, a_t>(q, bh, ah, w, c, rb, dzb, stream);
   });
-  SSLOPS_CUDA_CHECK_LAUNCH();
   return {dza, dzb};
 }
 
