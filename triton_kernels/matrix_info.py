@@ -135,10 +135,17 @@ def _trace_dot_kernel(a_ptr, b_ptr, part_ptr, K, BLOCK: tl.constexpr):
     tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(a * bt, axis=1), axis=0))
 
 
-def _blocks(k, dtype):
+def _blocks(k, dtype, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of _mm_trace_kernel.
+
+    Spill-free on sm_90 (ptxas of triton 3.6): 128×128×32 tiles with 8 warps on the tensor-core
+    path (TF32, bf16/fp16: 4 warps spilled 232 B/thread); IEEE fp32 runs on CUDA cores, where
+    128×128 spills at 4 warps (592 B) and worse at 8 (3680 B), so it takes 64×64×32 tiles, 4 warps."""
     if torch.cuda.is_available() and dtype != torch.float64 and k >= 128:
-        return 128, 128, 32
-    return 32, 32, 16 if dtype != torch.float64 else 16
+        if dtype == torch.float32 and precision == "ieee":
+            return 64, 64, 32, 4
+        return 128, 128, 32, 8
+    return 32, 32, 16, 4
 
 
 # Which GEMM the K×K products use on a GPU: "cublas" (torch.mm, then the trace by
@@ -164,12 +171,13 @@ def mm_trace(a, b, r=None, out=None):
     if a.is_cuda and _GPU_MM == "cublas":
         torch.mm(a, b, out=out)
         return out, (trace_dot(out, r) if r is not None else None)
-    bm, bn, bk = _blocks(k, a.dtype)
+    precision = _precision(a.dtype)
+    bm, bn, bk, warps = _blocks(k, a.dtype, precision)
     grid = (triton.cdiv(k, bm), triton.cdiv(k, bn))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float64, device=a.device) if r is not None else out
     rr = r.contiguous() if r is not None else a
-    _mm_trace_kernel[grid](a, b, out, rr, part, k, HAS_R=r is not None, PRECISION=_precision(a.dtype),
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _mm_trace_kernel[grid](a, b, out, rr, part, k, HAS_R=r is not None, PRECISION=precision,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out, (part.sum().to(a.dtype) if r is not None else None)
 
 
