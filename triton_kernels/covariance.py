@@ -11,8 +11,9 @@ no normalised copy of z is ever written):
 Forward: ``_col_stats_kernel`` (mean, m2: two passes over the rows of a column block;
 for VICReg's first view it also sums Σ_n (z_a - z_b)² per column in the mean pass, while
 z_a's tile is in registers, so the invariance MSE costs one extra read of z_b and no pass of
-its own; the per-column sums are added in float64 in a fixed order), then ``_prod_kernel`` computes tiles of the product and reduces them in registers (the
-K×K or N×N matrix is never written):
+its own; the per-column sums are added in float64 in a fixed order), then ``_prod_kernel``
+computes tiles of the product and reduces them in registers (the K×K or N×N matrix is never
+written):
 
     K×K route   tile of ÂᵀB̂ (reduction over N), Σ of squares off the diagonal
     Gram route  tiles of ÂÂᵀ and B̂B̂ᵀ (reduction over K), Σ of their product
@@ -21,6 +22,17 @@ K×K or N×N matrix is never written):
 symmetric products (VICReg, and Barlow's Gram route) visit only the upper triangle of
 tiles. Each program writes one partial sum; the launcher adds them (no atomics, so the
 result is bit-reproducible run to run).
+
+Column reductions (``_col_stats_kernel``, ``_col_dot_kernel``, the batch-norm backward) run on a
+grid of (64-column blocks) × (row chunks): the rows are split into chunks of at least 256 so
+that ~4 programs per SM are launched (K = 256 alone would give 4 programs for 132 SMs;
+``_row_chunks``). With one chunk (small N, or K wide enough to fill the GPU) each is a single
+launch over every row, as before. With several, each program writes its chunk's (mean, m2,
+sq) — m2 centred on the chunk's own mean — to (chunks, K) buffers and ``_chan_merge_kernel``
+merges them in chunk order, mean = Σ n_c·mean_c / N, m2 = Σ [m2_c + n_c·(mean_c - mean)²]
+(Chan et al.: centred terms only, no cancellation; a NaN in any chunk reaches the result);
+the diagonal's and batch-norm's column sums are per-chunk partials added by ``torch.sum`` over
+the chunk axis. No atomics anywhere: reruns are bit-identical.
 
 Backward (gradients derived in csrc/cpu/covariance.cpp): the product the gradient needs
 (C = ÂᵀB̂, K×K, or the Grams, N×N: whichever is smaller) is stored in fp32 (fp64 for fp64),
@@ -45,7 +57,9 @@ interpreter always computes in IEEE.
 Cost per call (one view of VICReg; Barlow's Gram route computes two Grams, its K×K route
 one non-symmetric product): forward N·K·min(N, K) flops (half of 2NK·min(N, K), by
 symmetry), ~3NK element reads (+ NK of z_b in z_a's call: 7NK for VICReg's two views, one
-pass fewer than a separate invariance pass re-reading both), the product written (D² = min(N, K)² fp32) when saved;
+pass fewer than a separate invariance pass re-reading both; a chunk's second pass mostly hits
+L2), the product written (D² = min(N, K)² fp32) when saved, plus 3·chunks·K partials when
+the rows are split (chunks ≤ 4·SMs: small next to NK);
 backward 2NK·min(N, K) flops for the apply, D² read, NK read twice, NK written (Barlow:
 + an fp32 NK buffer written and read twice).
 """
@@ -75,6 +89,24 @@ def _blocks(dtype):
     if dtype in (torch.float16, torch.bfloat16):
         return 128, 32, 8
     return 64, 32, 4
+
+
+def _apply_blocks(dtype, prec, mz):
+    """(BLOCK_R, BLOCK_C, BLOCK_T, num_warps) of _apply_kernel: spill-free on sm_90 (ptxas, triton 3.6).
+
+    The apply keeps the accumulator, the epilogue's tiles and (Gram route, mz) a row block of
+    the N×N product live at once: the product kernels' 128×128 tiles spilled 20-40 B/thread
+    for fp16/bf16 (128×64 does not), and fp32 "ieee" on the Gram route at 64×64×32, 4 warps
+    spilled ~530 B/thread (CUDA-core FMA; 64×64×16 does not)."""
+    if interpreting_triton():
+        return 16, 16, 16, 1
+    if dtype == torch.float64:
+        return 32, 32, 16, 4
+    if dtype in (torch.float16, torch.bfloat16):
+        return 128, 64, 32, 8
+    if prec == "ieee" and mz:
+        return 64, 64, 16, 4
+    return 64, 64, 32, 4
 
 
 def _dot_t(dtype):
@@ -489,18 +521,18 @@ def _apply(zhat, mat, mat_t, mz, epi, ehat, other, w, coef, out, precision):
     """out ← epilogue(Ẑ·M) (mz False, M K×K) or epilogue(M·Ẑ) (mz True, M N×N); mat_t: use Mᵀ."""
     z = zhat[0]
     n, k = z.shape
-    bij, bt, warps = _blocks(z.dtype)
     s0, s1 = mat.stride()
     if mat_t:
         s0, s1 = s1, s0
-    grid = (triton.cdiv(n, bij), triton.cdiv(k, bij))
     dot_t, prec = _dot_t(z.dtype), _prec(z.dtype, precision)
     if z.dtype == torch.float16:
         # The stored product (a Gram entry sums K products) can pass fp16's 65504 even when z
         # fits: multiply in fp32 storage with TF32 inputs, fp16's own 10-bit mantissa.
         dot_t, prec = tl.float32, _prec(torch.float32, "tf32")
+    br, bc, bt, warps = _apply_blocks(z.dtype, prec, mz)
+    grid = (triton.cdiv(n, br), triton.cdiv(k, bc))
     _apply_kernel[grid](*zhat, mat, s0, s1, *ehat, other if other is not None else ehat[0], w, coef, out, n, k,
-                        MZ=mz, EPI=epi, HAS_OTHER=other is not None, BLOCK_R=bij, BLOCK_C=bij, BLOCK_T=bt,
+                        MZ=mz, EPI=epi, HAS_OTHER=other is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_T=bt,
                         dot_t=dot_t, PREC=prec, num_warps=warps)
     return out
 
