@@ -115,14 +115,14 @@ __global__ void column_merge_kernel(const acc_t* __restrict__ pmean, const acc_t
   if (col >= k) return;
   acc_t s = 0, e = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const acc_t cnt = static_cast<acc_t>(std::min(chunk, n - c * chunk));
+    const acc_t cnt = static_cast<acc_t>(chunk < n - c * chunk ? chunk : n - c * chunk);
     s += cnt * pmean[c * k + col];
     if (psq != nullptr) e += psq[c * k + col];
   }
   const acc_t mu = s / static_cast<acc_t>(n);
   acc_t q = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const acc_t cnt = static_cast<acc_t>(std::min(chunk, n - c * chunk));
+    const acc_t cnt = static_cast<acc_t>(chunk < n - c * chunk ? chunk : n - c * chunk);
     const acc_t d = pmean[c * k + col] - mu;
     q += pm2[c * k + col] + cnt * d * d;
   }
@@ -143,7 +143,7 @@ __global__ void column_chunk_kernel(const scalar_t* __restrict__ z, const scalar
   __shared__ acc_t col_mean[kColumnSlice], col_m2[kColumnSlice], col_sq[kColumnSlice];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumnSlice + threadIdx.x;
   const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t r_hi = std::min(n, r_lo + chunk);
+  const int64_t r_hi = r_lo + chunk < n ? r_lo + chunk : n;
   block_column_moments(z, r_lo, r_hi, k, col, partial, col_mean, col_m2, other, col_sq);
   if (threadIdx.y == 0 && col < k) {
     const int64_t i = static_cast<int64_t>(blockIdx.y) * k + col;

@@ -74,7 +74,7 @@ __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int6
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t r_hi = std::min(n, r_lo + chunk);
+  const int64_t r_hi = r_lo + chunk < n ? r_lo + chunk : n;
   const bool live = col < k;
   if (HAVE_STATS) {
     if (ty == 0) {
@@ -199,7 +199,7 @@ __global__ void bn_sums_kernel(const acc_t* __restrict__ p, const acc_t* __restr
   __shared__ acc_t p1[kRows][kCols];
   __shared__ acc_t p2[kRows][kCols];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
-  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = std::min(n, r_lo + chunk);
+  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = r_lo + chunk < n ? r_lo + chunk : n;
   acc_t a, b;
   bn_block_sums(p, self, other, coef[0], col < k ? w[col] : acc_t(0), r_lo, r_hi, k, col, p1, p2, a, b);
   if (threadIdx.y == 0 && col < k) {
@@ -219,7 +219,7 @@ __global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __res
   __shared__ acc_t p2[kRows][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
-  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = std::min(n, r_lo + chunk);
+  const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = r_lo + chunk < n ? r_lo + chunk : n;
   const bool live = col < k;
   const acc_t c0 = coef[0];
   const acc_t wc = live ? w[col] : acc_t(0);
