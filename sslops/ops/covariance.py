@@ -16,13 +16,29 @@ decomposition (see ``csrc/cpu/covariance.cpp`` and ``triton_kernels/covariance.p
 * VICReg's invariance MSE is fused into the backward pass that writes dz as well.
 
 The relation form's var/cov terms use the one-view VICReg kernels on z; its invariance
-term is O(nnz·K) torch code in fp32 (fp64 for fp64) without any N×N matrix:
+term is the custom op pair ``sslops::relation_invariance_fwd`` / ``_bwd``: device-generic
+torch code, accumulation in fp32 (fp64 for fp64), gradient in z's dtype, no N×N matrix, no
+host sync, shapes fixed by N, K and P. Every (rows, K) temporary is taken in chunks of at
+most ``_RELATION_CHUNK_BYTES`` (64 MB), so none of N×K or P×K size exists besides what is
+listed here:
 
-* ``labels``: groups are found with sort + searchsorted (no data-dependent shapes, no host
-  sync); each group is centred on its mean first, Σ_{i≠j∈g}‖z_i-z_j‖² = 2m_g Σ_{i∈g}‖z_i-μ_g‖²,
-  which is exact and does not cancel the way 2mΣ‖z_i‖² - 2‖Σz_i‖² does; nnz = Σ_g m_g(m_g-1).
-* ``pairs``: both directions are taken, sorted by key i·N + j, duplicates and self-pairs get
-  weight 0 (O(P log P), shapes fixed by P), then Σ_p w_p‖z_i - z_j‖² by a gather.
+* ``labels``: groups by sort + searchsorted (gid = first sorted position of the label, m =
+  group size). Forward: the group means μ (one (N, K) buffer, row gid; index_add then divide),
+  then Σ_{i≠j∈g}‖z_i - z_j‖² = 2m_g Σ_{i∈g}‖z_i - μ_g‖² — centred on the means, so it does not
+  cancel the way 2mΣ‖z_i‖² - 2‖Σz_i‖² does; nnz = Σ_g m_g(m_g - 1). Saves z, gid, m, μ.
+  Backward: d/dz_i = 4m_g(z_i - μ_g) (the μ-dependence drops out: Σ_{i∈g}(z_i - μ_g) = 0), one
+  gather of μ per row, no scatter. Bytes: forward reads z twice and writes/reads μ; backward
+  reads z and μ and writes dz — about 3 N×K reads and 2 writes each way. Peak (fp32, forward +
+  backward): μ, dz and one chunk, ≤ 3 N×K buffers (the autograd version it replaced: 4).
+* ``pairs``: each pair as (min, max), sorted by key i·N + j; the first copy of each distinct
+  off-diagonal pair gets w = 1, duplicates (either direction) and self-pairs 0 (O(P log P)).
+  total = 2Σ_p w_p‖z_i - z_j‖² (G_ij and G_ji), nnz = 2Σw. Saves z, i, j, w (vectors of P),
+  not the gathers. Backward: 4w_p(z_i - z_j) added to row i and subtracted from row j by
+  index_add, chunk by chunk, into an (N, K) accumulator in the accumulation dtype. FLOPs 3PK
+  forward, 4PK backward; bytes 2PK reads each way plus the (N, K) gradient. index_add is
+  sequential on the CPU (bit-reproducible); on CUDA it uses float atomics (run-to-run
+  differences of a few ulp) unless ``torch.use_deterministic_algorithms(True)`` selects
+  PyTorch's deterministic path.
 
 Triton's fp32 ``tl.dot`` precision: see :func:`set_dot_precision`.
 
@@ -48,6 +64,7 @@ small fraction of a step (tiny N, K) the difference is a fraction of a milliseco
 """
 
 import os
+from typing import Optional
 
 import torch
 
@@ -287,31 +304,141 @@ def _varcov_backward(ctx, grad_terms, *_unused):
 vicreg_varcov_fwd.register_autograd(_varcov_backward, setup_context=_varcov_setup)
 
 
-def _relation_invariance(z, labels, pairs):
-    """(Σ_ij G_ij ‖z_i - z_j‖², nnz(G)) in fp32 (fp64 for fp64), O(nnz·K), differentiable, no host sync."""
-    n, k = z.shape
-    zw = z.to(_acc(z.dtype))
-    if labels is not None:
-        lab = labels.long()
-        gid = torch.searchsorted(torch.sort(lab).values, lab)  # first sorted position of each label: a group id
-        count = torch.zeros(n, dtype=zw.dtype, device=z.device).index_add_(0, gid, torch.ones_like(gid, dtype=zw.dtype))
-        m = count[gid]
-        sums = torch.zeros_like(zw).index_add(0, gid, zw)
-        centred = zw - sums[gid] / m[:, None]
-        total = (2.0 * m * centred.pow(2).sum(dim=1)).sum()
-        nnz = (m - 1.0).sum()
-        return total, nnz
+# ----------------------------------------------------------------------------- relation-form invariance
+
+# Bytes of one chunk's (rows, K) temporary (a gather of rows or pairs) in the invariance
+# ops: no (N, K) or (P, K) gather exists at once beyond the saved group means. Tests shrink
+# it to run several chunks.
+_RELATION_CHUNK_BYTES = 1 << 26
+
+
+def _chunk_rows(k, dtype):
+    return max(1, _RELATION_CHUNK_BYTES // (max(k, 1) * torch.empty((), dtype=dtype).element_size()))
+
+
+def _label_groups(labels, n, acc, device):
+    """(gid, m): gid = first sorted position of each row's label (a group id in [0, N)), m = group size per row."""
+    lab = labels.long()
+    gid = torch.searchsorted(torch.sort(lab).values, lab)
+    count = torch.zeros(n, dtype=acc, device=device).index_add_(0, gid, torch.ones(n, dtype=acc, device=device))
+    return gid, count, count[gid]
+
+
+def _canonical_pairs(pairs, n, acc):
+    """(i, j, w) of P entries: each pair as (min, max), sorted by key i·N + j; w = 1 on the first
+    copy of each distinct off-diagonal pair, 0 on duplicates and self-pairs."""
     rows = pairs[0].long()
     cols = pairs[1].long()
-    key = torch.cat([rows * n + cols, cols * n + rows])
-    key = torch.sort(key).values
+    key = torch.sort(torch.minimum(rows, cols) * n + torch.maximum(rows, cols)).values
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]
-    i = torch.div(key, n, rounding_mode="floor")
+    i = torch.div(key, n, rounding_mode="floor") if n > 0 else key
     j = key - i * n
-    w = (first & (i != j)).to(zw.dtype)
-    total = (w * (zw[i] - zw[j]).pow(2).sum(dim=1)).sum()
-    return total, w.sum()
+    return i, j, (first & (i != j)).to(acc)
+
+
+@torch.library.custom_op("sslops::relation_invariance_fwd", mutates_args=())
+def relation_invariance_fwd(z: torch.Tensor, labels: Optional[torch.Tensor], pairs: Optional[torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, nnz, rows, cols, weight, mean): total = Σ_ij G_ij‖z_i - z_j‖², nnz = nnz(G), plus what the backward reads.
+
+    labels: rows = gid (N,), cols = empty, weight = m (N,), mean = (N, K) group means at row gid.
+    pairs: rows = i (P,), cols = j (P,), weight = w (P,), mean = empty (0, K).
+    """
+    n, k = z.shape
+    acc = _acc(z.dtype)
+    step = _chunk_rows(k, acc)
+    total = torch.zeros((), dtype=acc, device=z.device)
+    if labels is not None:
+        gid, count, m = _label_groups(labels, n, acc, z.device)
+        mean = torch.zeros((n, k), dtype=acc, device=z.device)
+        for s in range(0, n, step):
+            mean.index_add_(0, gid[s:s + step], z[s:s + step].to(acc))
+        mean.div_(count.clamp(min=1)[:, None])
+        for s in range(0, n, step):
+            d = mean.index_select(0, gid[s:s + step])
+            d.sub_(z[s:s + step])  # mean - z: the sign does not matter once squared
+            total += torch.dot(d.square_().sum(dim=1), m[s:s + step])
+        return total * 2.0, (m - 1.0).sum(), gid, gid.new_empty((0,)), m, mean
+    i, j, w = _canonical_pairs(pairs, n, acc)
+    for s in range(0, i.shape[0], step):
+        d = z.index_select(0, i[s:s + step]).to(acc)
+        d.sub_(z.index_select(0, j[s:s + step]))
+        total += torch.dot(d.square_().sum(dim=1), w[s:s + step])
+    # each distinct pair stands for G_ij and G_ji
+    return total * 2.0, w.sum() * 2.0, i, j, w, z.new_empty((0, k), dtype=acc)
+
+
+@relation_invariance_fwd.register_fake
+def _(z, labels, pairs):
+    n, k = z.shape
+    acc = _acc(z.dtype)
+    scalar = z.new_empty((), dtype=acc)
+    if labels is not None:
+        gid = z.new_empty((n,), dtype=torch.int64)
+        return scalar, scalar.clone(), gid, z.new_empty((0,), dtype=torch.int64), z.new_empty((n,), dtype=acc), z.new_empty((n, k), dtype=acc)
+    p = pairs.shape[1]
+    idx = z.new_empty((p,), dtype=torch.int64)
+    return scalar, scalar.clone(), idx, idx.clone(), z.new_empty((p,), dtype=acc), z.new_empty((0, k), dtype=acc)
+
+
+@torch.library.custom_op("sslops::relation_invariance_bwd", mutates_args=())
+def relation_invariance_bwd(grad: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
+                            mean: torch.Tensor, by_labels: bool) -> torch.Tensor:
+    """d total / d z · grad, in z's dtype (see the forward for rows, cols, weight, mean)."""
+    n, k = z.shape
+    acc = weight.dtype
+    step = _chunk_rows(k, acc)
+    g = grad.to(acc)
+    if by_labels:
+        # d/dz_i 2m Σ_{i∈g}‖z_i - μ_g‖² = 4m(z_i - μ_g): the μ terms sum to 0 over the group
+        dz = torch.empty((n, k), dtype=z.dtype, device=z.device)
+        scale = weight * (4.0 * g)
+        for s in range(0, n, step):
+            d = mean.index_select(0, rows[s:s + step])
+            d.sub_(z[s:s + step]).mul_(scale[s:s + step, None].neg())
+            dz[s:s + step].copy_(d)
+        return dz
+    # d/dz_i 2w‖z_i - z_j‖² = 4w(z_i - z_j), the negative for z_j; scattered by index_add
+    # (sequential on the CPU; on CUDA float atomics unless torch.use_deterministic_algorithms)
+    out = torch.zeros((n, k), dtype=acc, device=z.device)
+    scale = weight * (4.0 * g)
+    for s in range(0, rows.shape[0], step):
+        r, c = rows[s:s + step], cols[s:s + step]
+        d = z.index_select(0, r).to(acc)
+        d.sub_(z.index_select(0, c)).mul_(scale[s:s + step, None])
+        out.index_add_(0, r, d)
+        out.index_add_(0, c, d, alpha=-1)
+    return out if out.dtype == z.dtype else out.to(z.dtype)
+
+
+@relation_invariance_bwd.register_fake
+def _(grad, z, rows, cols, weight, mean, by_labels):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _relation_setup(ctx, inputs, output):
+    z, labels, pairs = inputs
+    _, nnz, rows, cols, weight, mean = output
+    ctx.mark_non_differentiable(nnz, weight, mean)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero (N, K) grad for mean
+    ctx.save_for_backward(z, rows, cols, weight, mean)
+    ctx.by_labels = labels is not None
+
+
+def _relation_backward(ctx, grad, *_unused):
+    z, rows, cols, weight, mean = ctx.saved_tensors
+    if grad is None:
+        return None, None, None
+    return relation_invariance_bwd(grad, z, rows, cols, weight, mean, ctx.by_labels), None, None
+
+
+relation_invariance_fwd.register_autograd(_relation_backward, setup_context=_relation_setup)
+
+
+def _relation_invariance(z, labels, pairs):
+    """(Σ_ij G_ij ‖z_i - z_j‖², nnz(G)) in fp32 (fp64 for fp64), O(nnz·K), differentiable, no host sync."""
+    return tuple(relation_invariance_fwd(z, labels, pairs)[:2])
 
 
 # ----------------------------------------------------------------------------- Barlow Twins
