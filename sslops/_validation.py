@@ -1,7 +1,9 @@
 """Input policy (SPEC §6): bad input raises ``ValueError``/``TypeError`` naming the argument.
 
 Every check here reads only metadata (shape, dtype, device) except :func:`check_pairs`,
-which reads the index range once per call (the CSR build needs the sizes anyway), and
+which reads the index range once per call (the CSR build needs the sizes anyway; under
+``torch.compile`` the range is checked inside the graph instead and out-of-range pairs give
+a NaN loss, since a compiled graph cannot raise on tensor values), and
 :func:`check_finite`, which runs only under ``sslops.set_debug(True)``: on the hot path a
 non-finite input shows up as a NaN loss, never as a silently wrong number.
 """
@@ -102,7 +104,8 @@ def check_pairs(pairs, n, device, *, check_range=True):
         raise ValueError(f"pairs must have shape (2, P) (row indices, column indices), got {tuple(pairs.shape)}")
     if pairs.device != device:
         raise ValueError(f"pairs must be on the same device as z ({device}), got {pairs.device}")
-    if check_range and pairs.numel():
+    if check_range and pairs.numel() and not torch.compiler.is_compiling():
+        # (under torch.compile the caller checks in the graph instead: see functional._relation_run)
         lo, hi = torch.stack([pairs.min(), pairs.max()]).tolist()
         if lo < 0:
             raise ValueError(f"pairs must hold indices in [0, {n}), found a negative index {lo}")

@@ -18,6 +18,7 @@ Conventions shared by every loss:
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -49,6 +50,20 @@ def _run(loss, backend, tensors, params, reference_fn):
     wide = _compute_dtype(lead.dtype)
     cast = [t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
     return reference_fn(*cast, **params)
+
+
+def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
+    """``_run`` for losses over a relation. Eagerly, ``pairs`` were range-checked already (one
+    host sync). Under ``torch.compile`` a value check cannot raise, so it happens in the graph:
+    out-of-range pairs are replaced by 0 before any kernel indexes with them and the loss
+    becomes NaN (as the matrix guard's ``check="nan"``): never a wrong number, never an
+    out-of-bounds read."""
+    if pairs is None or not torch.compiler.is_compiling():
+        return _run(loss, backend, (z, labels, pairs), params, reference_fn)
+    bad = ((pairs < 0) | (pairs >= z.shape[0])).any()
+    safe = torch.where(bad, torch.zeros_like(pairs), pairs)
+    out = _run(loss, backend, (z, labels, safe), params, reference_fn)
+    return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
 def _gathering(gather):
@@ -143,7 +158,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
     if gathering:
         return distributed.vicreg_relation_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
     V.check_relation(z.shape[0], z.device, labels, pairs)
-    return _run("vicreg_relation", backend, (z, labels, pairs), params, reference.vicreg_relation_loss)
+    return _relation_run("vicreg_relation", backend, z, labels, pairs, params, reference.vicreg_relation_loss)
 
 
 # ----------------------------------------------------------------------------- Barlow Twins
@@ -219,7 +234,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, 
     if gathering:
         return distributed.info_nce_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
     V.check_relation(z.shape[0], z.device, labels, pairs)
-    return _run("info_nce", backend, (z, labels, pairs), params, reference.info_nce_loss)
+    return _relation_run("info_nce", backend, z, labels, pairs, params, reference.info_nce_loss)
 
 
 def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):

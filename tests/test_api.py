@@ -191,3 +191,25 @@ def test_public_api_compiles_fullgraph():
         (g_want,) = torch.autograd.grad(want, za)
         torch.testing.assert_close(got, want, msg=name)
         torch.testing.assert_close(g_got, g_want, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "vicreg_relation"])
+def test_pairs_compile_fullgraph_and_out_of_range_gives_nan(loss):
+    """Under torch.compile the pair range is checked in the graph (no host sync): valid pairs
+    give the eager loss and gradient; an out-of-range index gives NaN, never a wrong number or
+    an out-of-bounds read. Eagerly the same input raises."""
+    n = 11
+    z = randn(n, 5, seed=21).requires_grad_(True)
+    fn = {"info_nce": lambda a, p: sslops.info_nce_loss(a, pairs=p),
+          "vicreg_relation": lambda a, p: sslops.vicreg_relation_loss(a, pairs=p)}[loss]
+    good = torch.tensor([[0, 1, 4, 7, 3], [3, 5, 2, 10, 3]])
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(z, good)
+    want = fn(z, good)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
+    for bad in (torch.tensor([[0, 1], [3, n]]), torch.tensor([[0, -1], [3, 4]])):
+        assert torch.isnan(compiled(z, bad))
+        with pytest.raises(ValueError, match="pairs must hold indices"):
+            fn(z, bad)
