@@ -339,6 +339,33 @@ def test_triton_fp16_backward_keeps_tiny_pair_weights():
 
 
 @pytest.mark.triton
+# rows 16-aligned / not (both branches of _tiles); K > 128: two dẑ slices per row block
+@pytest.mark.parametrize("k,kind", [(144, "supcon"), (130, "pairs")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind):
+    """The block shapes, K chunks and dẑ slices a GPU launch uses (``_tiles`` outside the
+    interpreter: 32- and 64-row tiles, BLOCK_K 16–64, BLOCK_KO 64/128), run by the interpreter
+    at 70 rows (one full and one partial block of 64, three blocks of 32) and K > BLOCK_KO
+    (several programs along K) against the reference. The other interpreter tests run the
+    interpreter's own 16×16 blocks only."""
+    from sslops.triton_kernels import infonce as tk
+
+    gpu_tiles, seen = tk._tiles, []
+
+    def tiles(kernel, dt, kk, aligned):
+        with monkeypatch.context() as mp:
+            mp.setattr(tk._backend, "interpreting_triton", lambda: False)
+            cfg = gpu_tiles(kernel, dt, kk, aligned)
+        seen.append((kernel, aligned, cfg))
+        return cfg
+
+    monkeypatch.setattr(tk, "_tiles", tiles)
+    check("triton", 70, k, kind, dtype, seed=k, grad_tol_scale=2.0)
+    assert {(kern, al) for kern, al, _ in seen} == {("forward", k % 16 == 0), ("backward", k % 16 == 0)}
+    assert all(cfg[0] >= 32 and cfg[1] >= 32 for _, _, cfg in seen)  # not the interpreter's 16×16
+
+
+@pytest.mark.triton
 def test_triton_no_positive_and_nan():
     z = randn(20, 4, seed=2, device=DEVICE)
     loss, grad = kernel_loss_and_grad(z, dict(labels=torch.arange(20, device=DEVICE)), 0.1, 1.0, "triton")

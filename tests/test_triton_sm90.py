@@ -9,8 +9,9 @@ with a stand-in sm_90 driver that compiles each launch instead of running it, th
   call here reaches fails the check, rather than going unchecked);
 * Triton's compile and ptxas succeed, registers ≤ 255, registers × threads fit the
   64K-register file, shared memory ≤ 227 KB (what one block may use on an H100);
-* InfoNCE's bf16/fp16 kernels spill nothing (they spill 0 bytes today with triton 3.6 and
-  3.8); every other spill is printed, not asserted (block sizes are being tuned).
+* InfoNCE's fp32, bf16 and fp16 kernels spill nothing at an aligned and an odd wide shape
+  (their launch configurations were chosen for that under triton 3.6 and 3.8); fp64 and
+  every other family's spills are printed, not asserted.
 
 The resource table prints with ``pytest -s`` (and goes to the JUnit report as a property).
 Numbers are not checked here: that is the interpreter lane's and the GPU lane's job.
@@ -105,9 +106,17 @@ def test_covariance_kernels_compile_for_sm90(session, record_property):
     _check(session, covariance, record_property)
 
 
-# (M, K, dtype labels): an aligned shape in every dtype; an odd, wide K (no 16-divisibility
-# specialisation, the widest row blocks) in the dtypes being tuned for GPUs.
-INFONCE_SHAPES = {"aligned": (1024, 256, ("fp32-ieee", "bf16", "fp16", "fp64")), "odd-wide": (520, 1000, ("fp32-ieee", "bf16"))}
+# (M, K, dtype labels): an aligned shape (rows 16-element aligned: vector loads, pipelined
+# copies) and an odd, wide K (no 16-divisibility specialisation: scalar loads, the widest row
+# blocks, the launcher's "unaligned" configurations), each in every dtype.
+INFONCE_SHAPES = {"aligned": (1024, 256, ("fp32-ieee", "bf16", "fp16", "fp64")),
+                  "odd-wide": (520, 1000, ("fp32-ieee", "bf16", "fp16", "fp64"))}
+# Dtypes whose InfoNCE kernels must not spill. fp64 is only reported: it is the correctness
+# dtype (the reference for the others; FP64 FMA runs at a fraction of the tensor cores'
+# rate, so nobody trains in it for speed), and a spill there costs time, never a wrong
+# number. Its blocks spill nothing today either (2026-11-22, triton 3.6 and 3.8), but they
+# are not held to it, so that fp64 tiles may follow correctness needs rather than ptxas.
+INFONCE_NO_SPILL = {"fp32-ieee", "bf16", "fp16"}
 
 
 @pytest.mark.parametrize("shape", list(INFONCE_SHAPES))
@@ -127,14 +136,11 @@ def test_infonce_kernels_compile_for_sm90(session, record_property, shape):
                 _, cnt, lse = infonce.info_nce_forward(z, lab, cr, co, 0.1, 0, m)
                 infonce.info_nce_backward(torch.ones(m), z, lab, cr, co, cnt, lse, 0.1, 0, m)
     records = _check(session, infonce, record_property)
-    # Asserted at the aligned shape: no spills in the bf16/fp16 kernels. They need none there
-    # today (0 bytes under triton 3.6 and 3.8, sm_90), so a spill is a regression of the
-    # tensor-core path. Only reported: every fp32/fp64 spill, and the odd-wide shape's (its
-    # bf16 pairs backward spills 28/16 B stores/loads per thread under triton 3.8, 60/48 B under 3.6);
-    # blocks are being tuned.
-    if shape == "aligned":
-        half = [r for r in records if set(r.variants) & {"bf16", "fp16"} and r.spills]
-        assert not half, "bf16/fp16 InfoNCE kernels spill:\n" + sm90.format_table(half)
+    # Asserted at both shapes: no spills in any fp32/bf16/fp16 kernel (0 bytes under triton
+    # 3.6 and 3.8 with the launch configurations of infonce._tiles, chosen for that on
+    # 2026-11-22), so a spill is a regression of a tuned block. fp64 spills are only printed.
+    spilling = [r for r in records if set(r.variants) & INFONCE_NO_SPILL and r.spills]
+    assert not spilling, "fp32/bf16/fp16 InfoNCE kernels spill:\n" + sm90.format_table(spilling)
 
 
 def test_matrix_info_kernels_compile_for_sm90(session, record_property, monkeypatch):

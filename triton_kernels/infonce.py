@@ -35,7 +35,8 @@ Saved by the forward: LSE (B,) and |P(i)| (B,) in fp32 (fp64 for fp64); row norm
 recomputed (one read of z). Extra memory: norms (M,), the (M, K) fp32 dẑ buffer of the
 backward, nothing quadratic.
 
-FLOPs: forward 2·B·M·K (+ B·M exp); backward 4·(2BM − B²)·K (+ 2 exp per pair).
+FLOPs: forward 2·B·M·K (+ B·M exp); backward (2 + 2·⌈K/BLOCK_KO⌉)·(2BM − B²)·K (+ 2 exp per
+pair and K slice): every program along K recomputes its similarity tiles (blocks in _tiles).
 Bytes: forward reads z once per anchor block, M·K·⌈B/BLOCK_M⌉ elements (L2-resident
 tiles); backward likewise per row block, plus 2·M·K·4 for the dẑ buffer.
 """
@@ -53,17 +54,85 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _blocks(m, k):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiny blocks in the interpreter, tensor-core sized on a GPU.
+def _rows_aligned(z):
+    """Whether every row of z starts 16 elements apart with unit column stride.
 
-    8 warps: with 4, ptxas (triton 3.6, sm_90) caps the forward at 255 registers and spills
-    (fp32: 272 bytes, bf16: 32 bytes of local memory per thread in the tile loop); with 8 it
-    needs 206 and spills nothing. Not yet timed on a GPU.
+    Triton then specialises the row stride as divisible by 16 and the loads of a tile become
+    vector loads that the pipeliner copies asynchronously into shared memory (num_stages
+    buffers). Otherwise (an odd K, a strided view) every element is its own masked scalar
+    load with its own 64-bit address: no asynchronous copies, one shared-memory buffer, and
+    far more registers at the same tile. The launch configuration depends on it.
     """
+    return z.stride(1) == 1 and z.stride(0) % 16 == 0
+
+
+def _tiles(kernel, dtype, k, aligned):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KO, num_warps, num_stages) of ``kernel`` ("forward" or "backward").
+
+    BLOCK_M × BLOCK_N is the similarity tile, BLOCK_K the K chunk of its product loop,
+    BLOCK_KO the dẑ columns one backward program owns (unused by the forward). Both K
+    blocks are capped at K's next power of two (at least 16): a narrow K gets no padding.
+
+    Chosen 2026-11-22 from ``ptxas -v`` for sm_90 (tests/test_triton_sm90.py, no GPU here),
+    under triton 3.6.0 (the GPU machine's) and 3.8.0, at an aligned shape (M = 1024,
+    K = 256) and an odd wide one (M = 520, K = 1000, rows not 16-aligned): every fp32,
+    bf16 and fp16 configuration below spills nothing in either version, label and pair
+    relations alike. Registers per thread (3.6 / 3.8; pairs, labels) are quoted with each.
+    None of this has been timed on a GPU: the choice is "largest tile that fits the
+    register file without local memory", not a measured optimum.
+
+    * bf16/fp16 (tensor cores): 64×64 tiles, 8 warps, 3 stages throughout; only the K chunks
+      shrink where registers run out (BLOCK_M/BLOCK_N stay 64).
+      - forward, aligned: BLOCK_K 64 (regs 100,204 / 80,162). 128×64 and 128×128 spill
+        (labels, 40–650 B); 4 warps spill under 3.6.
+      - forward, unaligned: BLOCK_K 32 (127,246 / 127,203); BLOCK_K 64 compiles at 237–254
+        registers, at the cliff.
+      - backward, aligned: BLOCK_K 64, BLOCK_KO 128 (159,179 / 160,181).
+      - backward, unaligned: BLOCK_K 16, BLOCK_KO 64 (bf16 176,230 / 171,219; fp16 165,178 /
+        165,179). The aligned config spilled here (bf16 pairs 60/48 B under 3.6, 28/16 B
+        under 3.8); with BLOCK_KO 128 and BLOCK_K 16 or 32 they compiled at 235–255
+        registers (bf16 at 255); 128×64 tiles at 254–255 (fp16 spilled under 3.8). The price: twice the programs along K, each recomputing its
+        similarity tiles (the FLOPs in the module docstring).
+    * fp32 (IEEE FMA dot, never TF32: the tiles are the logits; smaller tiles cost no
+      tensor-core throughput here):
+      - forward, aligned: 64×64, BLOCK_K 64, 8 warps, 3 stages (144,192 / 150,190), unchanged.
+      - forward, unaligned: 64×64, BLOCK_K 16, 8 warps, 1 stage (128,224 / 128,218). The
+        aligned config spilled here (up to 32/32 B); BLOCK_K 32 spilled with 3 stages (36 B,
+        3.6) and 1 stage (12 B, 3.8) and hit 255 registers with 2.
+      - backward: 32×64, BLOCK_K 32, BLOCK_KO 128, 8 warps, 2 stages (aligned 112,100 /
+        101,100; unaligned 182,180 / 183,183). Was 64×64×64: up to 60/48 B; 64×64 with
+        BLOCK_K 16 fits only at 253–255 registers unaligned, and BLOCK_KO 64 would double
+        the similarity recomputation.
+    * fp64 (the reference dtype: correctness first, speed secondary; FP64 FMA): forward
+      32×64, BLOCK_K 16, 8 warps, 1 stage (aligned 122,200 / 114,128; unaligned 128,202 /
+      120,128); backward 32×32, BLOCK_K 16, BLOCK_KO 64, 4 warps, 2 stages (aligned
+      179,178 / 168,168; unaligned 234,242 / 234,240). No spills either (not asserted by the
+      test). Was 64×64×64: up to 108/116 B of spills at the aligned shape.
+
+    With unaligned rows (:func:`_rows_aligned`) the 2-byte dtypes get a single shared-memory
+    buffer whatever num_stages says (no asynchronous copies below 4 bytes), so a smaller
+    BLOCK_K gives up no prefetching there; fp32/fp64 still pipeline.
+    """
+    kcap = max(16, triton.next_power_of_2(k))
+    bm, bn, bk, bko, warps, stages = _tiles_wide(kernel, dtype, aligned)
+    return bm, bn, min(bk, kcap), min(bko, kcap), warps, stages
+
+
+def _tiles_wide(kernel, dtype, aligned):
+    """:func:`_tiles` before capping the K blocks at K."""
     if _backend.interpreting_triton():
-        return 16, 16, 16, 1
-    bk = max(16, min(64, triton.next_power_of_2(k)))
-    return 64, 64, bk, 8
+        return 16, 16, 16, 32, 1, 1
+    if dtype in (torch.bfloat16, torch.float16):
+        if kernel == "forward":
+            return (64, 64, 64, 0, 8, 3) if aligned else (64, 64, 32, 0, 8, 3)
+        return (64, 64, 64, 128, 8, 3) if aligned else (64, 64, 16, 64, 8, 3)
+    if dtype == torch.float32:
+        if kernel == "forward":
+            return (64, 64, 64, 0, 8, 3) if aligned else (64, 64, 16, 0, 8, 1)
+        return 32, 64, 32, 128, 8, 2
+    if kernel == "forward":  # float64
+        return 32, 64, 16, 0, 8, 1
+    return 32, 32, 16, 64, 4, 2
 
 
 @triton.jit
@@ -301,7 +370,7 @@ def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
         return loss, count, lse
     norm = _row_norms(z, acc)
     inv_tau = torch.full((1,), 1.0 / temperature, dtype=acc, device=z.device)
-    bm, bn, bk, warps = _blocks(m, k)
+    bm, bn, bk, _, warps, stages = _tiles("forward", z.dtype, k, _rows_aligned(z))
     dot, prec = _dot_dtype(z.dtype)
     if labels is None:
         pos = torch.empty(b, dtype=acc, device=z.device)
@@ -316,7 +385,7 @@ def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
     _forward_kernel[(triton.cdiv(b, bm),)](
         z, norm, lab, pos, cnt, loss, count, lse, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
         HAS_LABELS=labels is not None, EPS=_NORM_EPS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_tl_dtype(acc),
-        DOT=dot, PREC=prec, num_warps=warps)
+        DOT=dot, PREC=prec, num_warps=warps, num_stages=stages)
     return loss, count, lse
 
 
@@ -339,12 +408,9 @@ def info_nce_backward(grad_rows, z, labels, crow, col, pos_count, lse, temperatu
     lse_w[row_start:row_end] = torch.where(has, lse.to(acc), torch.full_like(g, float("inf")))
     invc[row_start:row_end] = torch.where(has, 1.0 / pos_count.to(acc).clamp(min=1), torch.zeros_like(g))
     inv_tau = torch.full((1,), 1.0 / temperature, dtype=acc, device=z.device)
-    bm, bn, bk, warps = _blocks(m, k)
-    # dẑ slice per program: (BLOCK_M × BLOCK_KO) fp32 accumulators; wider K takes more programs
+    # dẑ slice per program: (BLOCK_M × BLOCK_KO) accumulators; wider K takes more programs
     # along the grid's second axis (each recomputes its similarity tiles).
-    bko = min(128 if not _backend.interpreting_triton() else 32, max(16, triton.next_power_of_2(k)))
-    if not _backend.interpreting_triton():
-        warps = 8
+    bm, bn, bk, bko, warps, stages = _tiles("backward", z.dtype, k, _rows_aligned(z))
     dot, prec = _dot_dtype(z.dtype)
     dot_d, prec_d = _dot_d_dtype(z.dtype)
     dzh = torch.empty((m, k), dtype=acc, device=z.device)
@@ -352,7 +418,7 @@ def info_nce_backward(grad_rows, z, labels, crow, col, pos_count, lse, temperatu
     _backward_tiles_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bko))](
         z, norm, lab, w, lse_w, invc, dzh, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
         HAS_LABELS=labels is not None, EPS=_NORM_EPS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KO=bko,
-        ACC=_tl_dtype(acc), DOT=dot, PREC=prec, DOT_D=dot_d, PREC_D=prec_d, num_warps=warps)
+        ACC=_tl_dtype(acc), DOT=dot, PREC=prec, DOT_D=dot_d, PREC_D=prec_d, num_warps=warps, num_stages=stages)
     pairs = labels is None
     _backward_rows_kernel[(m,)](
         z, norm, dzh, crow if pairs else norm, col if pairs else norm, w, invc, dz, k, z.stride(0), z.stride(1),
