@@ -106,17 +106,23 @@ def test_row_window_matches_reference(backend, kind):
     z = randn(m, k, seed=11, device=DEVICE)
     rel = relation(kind, m, seed=11, device=DEVICE)
     for rs, re in [(0, m), (0, 64), (70, 141), (140, m), (77, 77)]:
-        w = torch.randn(re - rs, dtype=torch.float64, generator=torch.Generator().manual_seed(rs))
-        zz = z.clone().requires_grad_()
-        rows, count = ops.info_nce_rows(zz, rel.get("labels"), rel.get("pairs"), tau, rs, re, backend)
-        assert rows.shape == (re - rs,) and count.shape == (re - rs,) and not count.requires_grad
-        (rows.double().cpu() * w).sum().backward()
-        z64 = z.double().cpu().requires_grad_()
-        ref_rows, ref_count = R.info_nce_rows(z64, temperature=tau, row_start=rs, row_end=re, **{a: b.cpu() for a, b in rel.items()})
-        (ref_rows * w).sum().backward()
-        torch.testing.assert_close(rows.double().cpu(), ref_rows, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(count.double().cpu(), ref_count.double())
-        torch.testing.assert_close(zz.grad.double().cpu(), z64.grad, atol=1e-5, rtol=1e-4)
+        check_row_window(z, rel, tau, rs, re, backend, seed=rs)
+
+
+def check_row_window(z, rel, tau, rs, re, backend, seed):
+    """info_nce_rows over anchors [rs, re) against the float64 reference: rows, counts, and the
+    gradient of a random weighting of the rows."""
+    w = torch.randn(re - rs, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    zz = z.clone().requires_grad_()
+    rows, count = ops.info_nce_rows(zz, rel.get("labels"), rel.get("pairs"), tau, rs, re, backend)
+    assert rows.shape == (re - rs,) and count.shape == (re - rs,) and not count.requires_grad
+    (rows.double().cpu() * w).sum().backward()
+    z64 = z.double().cpu().requires_grad_()
+    ref_rows, ref_count = R.info_nce_rows(z64, temperature=tau, row_start=rs, row_end=re, **{a: b.cpu() for a, b in rel.items()})
+    (ref_rows * w).sum().backward()
+    torch.testing.assert_close(rows.double().cpu(), ref_rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(count.double().cpu(), ref_count.double())
+    torch.testing.assert_close(zz.grad.double().cpu(), z64.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytestmark_kernels
@@ -308,17 +314,7 @@ def test_triton_row_window_and_noncontiguous(kind):
     m, k, tau = 38, 7, 0.2
     z = noncontiguous(randn(m, k, seed=13, device=DEVICE))
     rel = relation(kind, m, seed=13, device=DEVICE)
-    rs, re = 9, 31
-    w = torch.randn(re - rs, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    zz = z.clone().requires_grad_()
-    rows, count = ops.info_nce_rows(zz, rel.get("labels"), rel.get("pairs"), tau, rs, re, "triton")
-    (rows.double().cpu() * w).sum().backward()
-    z64 = z.double().cpu().requires_grad_()
-    ref_rows, ref_count = R.info_nce_rows(z64, temperature=tau, row_start=rs, row_end=re, **{a: b.cpu() for a, b in rel.items()})
-    (ref_rows * w).sum().backward()
-    torch.testing.assert_close(rows.double().cpu(), ref_rows, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(count.double().cpu(), ref_count.double())
-    torch.testing.assert_close(zz.grad.double().cpu(), z64.grad, atol=1e-5, rtol=1e-4)
+    check_row_window(z, rel, tau, 9, 31, "triton", seed=1)
 
 
 @pytest.mark.triton

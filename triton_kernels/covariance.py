@@ -342,6 +342,22 @@ def _apply_kernel(z, mz, sz, mat, sm0, sm1, ez, emz, esz, eo, w, coef, out, N, K
 
 
 @triton.jit
+def _bn_col_sums(d, z, mz, sz, r_lo, r_hi, cols, cmask, N, K, BLOCK_N: tl.constexpr):
+    """(Σ d, Σ d ⊙ Ẑ) per column over rows [r_lo, r_hi): the column sums of batch-norm's backward."""
+    acc_t = d.dtype.element_ty
+    s1 = tl.zeros(cols.shape, acc_t)
+    s2 = tl.zeros(cols.shape, acc_t)
+    for r0 in range(r_lo, r_hi, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        m = (rows[:, None] < r_hi) & cmask[None, :]
+        dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
+        zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
+        s1 += tl.sum(dv, 0)
+        s2 += tl.sum(dv * zh, 0)
+    return s1, s2
+
+
+@triton.jit
 def _bn_sums_kernel(d, z, mz, sz, part, N, K, CHUNK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[0, c, k] = Σ d, part[1, c, k] = Σ d ⊙ Ẑ over the rows of chunk c (the column sums of
     batch-norm's backward, split over row chunks; the launcher adds the chunks in a fixed order)."""
@@ -350,18 +366,8 @@ def _bn_sums_kernel(d, z, mz, sz, part, N, K, CHUNK, BLOCK_N: tl.constexpr, BLOC
     chunks = tl.num_programs(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
-    acc_t = d.dtype.element_ty
     r_lo = c * CHUNK
-    r_hi = tl.minimum(r_lo + CHUNK, N)
-    s1 = tl.zeros([BLOCK_K], acc_t)
-    s2 = tl.zeros([BLOCK_K], acc_t)
-    for r0 in range(r_lo, r_hi, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        m = (rows[:, None] < r_hi) & cmask[None, :]
-        dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
-        zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
-        s1 += tl.sum(dv, 0)
-        s2 += tl.sum(dv * zh, 0)
+    s1, s2 = _bn_col_sums(d, z, mz, sz, r_lo, tl.minimum(r_lo + CHUNK, N), cols, cmask, N, K, BLOCK_N)
     out = c.to(tl.int64) * K + cols
     tl.store(part + out, s1, mask=cmask)
     tl.store(part + chunks.to(tl.int64) * K + out, s2, mask=cmask)
@@ -384,15 +390,7 @@ def _bn_finish_kernel(d, z, mz, sz, sums, out, N, K, CHUNK, SUMS: tl.constexpr, 
         s1 = tl.load(sums + cols, mask=cmask, other=0.0)
         s2 = tl.load(sums + K + cols, mask=cmask, other=0.0)
     else:
-        s1 = tl.zeros([BLOCK_K], acc_t)
-        s2 = tl.zeros([BLOCK_K], acc_t)
-        for r0 in range(r_lo, r_hi, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)
-            m = (rows[:, None] < r_hi) & cmask[None, :]
-            dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
-            zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
-            s1 += tl.sum(dv, 0)
-            s2 += tl.sum(dv * zh, 0)
+        s1, s2 = _bn_col_sums(d, z, mz, sz, r_lo, r_hi, cols, cmask, N, K, BLOCK_N)
     s1 = s1 / N
     scale = tl.load(sz + cols, mask=cmask, other=0.0)
     for r0 in range(r_lo, r_hi, BLOCK_N):

@@ -49,6 +49,21 @@ inline std::pair<int64_t, int64_t> row_chunks(int64_t n, int64_t col_blocks, int
   return {chunk, chunks};
 }
 
+// dst[tx] = Σ_ty v(ty, tx) / divisor: the block's kRowStride per-thread partials of each column
+// added in a fixed order by the ty = 0 row; every thread passes its own v and reaches both barriers.
+template <typename acc_t>
+__device__ void column_rows_sum(acc_t v, acc_t (&partial)[kRowStride][kColumnSlice], acc_t* dst, acc_t divisor = acc_t(1)) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  partial[ty][tx] = v;
+  __syncthreads();
+  if (ty == 0) {
+    acc_t t = 0;
+    for (int i = 0; i < kRowStride; ++i) t += partial[i][tx];
+    dst[tx] = t / divisor;
+  }
+  __syncthreads();
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ void block_column_moments(const scalar_t* __restrict__ z, int64_t r_lo, int64_t r_hi, int64_t k, int64_t col,
                                      acc_t (&partial)[kRowStride][kColumnSlice], acc_t* col_mean, acc_t* col_m2,
@@ -68,14 +83,7 @@ __device__ void block_column_moments(const scalar_t* __restrict__ z, int64_t r_l
       for (int64_t r = r_lo + ty; r < r_hi; r += kRowStride) s += static_cast<acc_t>(z[r * k + col]);
     }
   }
-  partial[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0) {
-    acc_t t = 0;
-    for (int i = 0; i < kRowStride; ++i) t += partial[i][tx];
-    col_mean[tx] = t / static_cast<acc_t>(r_hi - r_lo);
-  }
-  __syncthreads();
+  column_rows_sum(s, partial, col_mean, static_cast<acc_t>(r_hi - r_lo));
   const acc_t mu = col_mean[tx];
   acc_t q = 0;
   if (live)
@@ -83,24 +91,8 @@ __device__ void block_column_moments(const scalar_t* __restrict__ z, int64_t r_l
       const acc_t d = static_cast<acc_t>(z[r * k + col]) - mu;
       q += d * d;
     }
-  partial[ty][tx] = q;
-  __syncthreads();
-  if (ty == 0) {
-    acc_t t = 0;
-    for (int i = 0; i < kRowStride; ++i) t += partial[i][tx];
-    col_m2[tx] = t;
-  }
-  __syncthreads();
-  if (other != nullptr) {  // uniform over the block: the barriers below are reached by all threads
-    partial[ty][tx] = e;
-    __syncthreads();
-    if (ty == 0) {
-      acc_t t = 0;
-      for (int i = 0; i < kRowStride; ++i) t += partial[i][tx];
-      col_sq[tx] = t;
-    }
-    __syncthreads();
-  }
+  column_rows_sum(q, partial, col_m2);
+  if (other != nullptr) column_rows_sum(e, partial, col_sq);  // uniform over the block: every thread reaches the barriers
 }
 
 // Per-chunk statistics → column statistics, one thread per column, chunks in index order:

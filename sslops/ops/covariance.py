@@ -313,11 +313,12 @@ _RELATION_CHUNK_BYTES = 1 << 26
 
 
 def _chunk_rows(k, dtype):
-    return max(1, _RELATION_CHUNK_BYTES // (max(k, 1) * torch.empty((), dtype=dtype).element_size()))
+    return max(1, _RELATION_CHUNK_BYTES // (max(k, 1) * dtype.itemsize))
 
 
 def _label_groups(labels, n, acc, device):
-    """(gid, m): gid = first sorted position of each row's label (a group id in [0, N)), m = group size per row."""
+    """(gid, count, m): gid = first sorted position of each row's label (a group id in [0, N)),
+    count[g] = size of group g (indexed by gid), m = count[gid], the group size per row."""
     lab = labels.long()
     gid = torch.searchsorted(torch.sort(lab).values, lab)
     count = torch.zeros(n, dtype=acc, device=device).index_add_(0, gid, torch.ones(n, dtype=acc, device=device))
