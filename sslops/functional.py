@@ -271,9 +271,8 @@ _LOG_METHODS = ("taylor", "eigh")
 _SSL_METHODS = ("taylor", "exact")
 
 
-def _series_guard_q(q, what="q"):
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return [(q - eye, f"Q = {what}", what, " (the series needs every eigenvalue of Q within distance 1 of 1)")]
+def _series_guard_q(q):
+    return matrix_guard.log_series_matrices(q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device))
 
 
 def matrix_log(q, *, order=4, method="taylor", check="raise"):

@@ -125,6 +125,11 @@ def divergent(x):
     return (norm_bound(x) >= 1) & (power_estimate(x) >= 1 - MARGIN)
 
 
+def log_series_matrices(x, arg="q"):
+    """The ``mats`` entry of :func:`guard` for the series of log Q with X = Q - I given, Q the argument ``arg``."""
+    return [(x, f"Q = {arg}", arg, " (the series needs every eigenvalue of Q within distance 1 of 1)")]
+
+
 def _message(where, what, arg, radius, hint):
     return (
         f"{where}: the Taylor series of log Q diverges for {what}: the spectral radius of Q - I is "

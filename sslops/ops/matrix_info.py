@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .. import _backend, _extension, matrix_guard
 
-__all__ = ["matrix_ssl", "guard_matrices", "matrix_cross_entropy", "mce_guard_matrices"]
+__all__ = ["matrix_ssl", "guard_matrices", "matrix_cross_entropy"]
 
 
 def _acc(dtype):
@@ -226,15 +226,10 @@ def _mce_backward_rule(ctx, g_loss, g_x, g_saved):
 _mce_forward.register_autograd(_mce_backward_rule, setup_context=_mce_setup_context)
 
 
-def mce_guard_matrices(x):
-    """The (X = Q - I, what, argument, hint) list the convergence guard checks for MCE."""
-    return [(x, "Q = q", "q", " (the series needs every eigenvalue of Q within distance 1 of 1)")]
-
-
 def matrix_cross_entropy(p, q, *, order, backend, check="off"):
     """Matrix cross-entropy tr(-P log Q + Q), log Q by the series, on ``backend``, guarded by ``check``."""
     loss, x, _ = _mce_forward(p, q, int(order), backend)
-    return matrix_guard.guard(loss, mce_guard_matrices(x), check, "matrix_cross_entropy")
+    return matrix_guard.guard(loss, matrix_guard.log_series_matrices(x), check, "matrix_cross_entropy")
 
 
 def _mce_kernel(backend):
