@@ -40,39 +40,36 @@ def vicreg_case(n, k, dtype, *, compile=True, note=""):
     )
 
 
-def relation_case(n, k, dtype, *, compile=True, note="labels = two views of n/2 samples"):
+def _labels_two_views(n, device):
+    return {"labels": torch.arange(n // 2, device=device).repeat(2)}
+
+
+def _pairs_ring(n, device):
+    i = torch.arange(n, device=device)
+    return {"pairs": torch.cat([torch.stack([i, (i + 1) % n]), torch.stack([(i + 1) % n, i])], dim=1)}
+
+
+_RELATIONS = {
+    "labels": (_labels_two_views, "labels = two views of n/2 samples"),
+    "pairs": (_pairs_ring, "pairs: ring over the batch plus its reverse and duplicates"),
+}
+
+
+def relation_case(n, k, dtype, *, relation="labels", compile=True):
+    """VICReg over G with G from ``labels`` (two views) or ``pairs`` (a ring, both directions)."""
+    make_relation, note = _RELATIONS[relation]
+
     def make(device, _randn=randn_inputs((n, k), dtype=dtype)):
         (z,) = _randn(device)
-        labels = torch.arange(n // 2, device=device).repeat(2)
-        return z, labels
+        return z, make_relation(n, device)
 
     return Case(
         loss="vicreg_relation",
         shape={"N": n, "K": k},
         dtype=dtype,
         make_inputs=make,
-        sslops_fn=lambda z, labels, backend: sslops.vicreg_relation_loss(z, labels=labels, backend=backend),
-        naive_fn=lambda z, labels: reference.vicreg_relation_loss(z, labels=labels),
-        flops=4.0 * n * k * min(n, k),
-        compile=compile,
-        note=note,
-    )
-
-
-def pairs_case(n, k, dtype, *, compile=True, note="pairs: ring over the batch plus its reverse and duplicates"):
-    def make(device, _randn=randn_inputs((n, k), dtype=dtype)):
-        (z,) = _randn(device)
-        i = torch.arange(n, device=device)
-        pairs = torch.cat([torch.stack([i, (i + 1) % n]), torch.stack([(i + 1) % n, i])], dim=1)
-        return z, pairs
-
-    return Case(
-        loss="vicreg_relation",
-        shape={"N": n, "K": k},
-        dtype=dtype,
-        make_inputs=make,
-        sslops_fn=lambda z, pairs, backend: sslops.vicreg_relation_loss(z, pairs=pairs, backend=backend),
-        naive_fn=lambda z, pairs: reference.vicreg_relation_loss(z, pairs=pairs),
+        sslops_fn=lambda z, rel, backend: sslops.vicreg_relation_loss(z, backend=backend, **rel),
+        naive_fn=lambda z, rel: reference.vicreg_relation_loss(z, **rel),
         flops=4.0 * n * k * min(n, k),
         compile=compile,
         note=note,
@@ -90,7 +87,7 @@ def cases(device, full):
             # K < N (the K×K route): the shape class where auto's choice of "cpu" is least obvious
             vicreg_case(4096, 256, torch.float32, compile=not on_cpu, note="K < N"),
             relation_case(512, 128, torch.float32, compile=not on_cpu),
-            pairs_case(512, 1024, torch.float32, compile=not on_cpu),
+            relation_case(512, 1024, torch.float32, relation="pairs", compile=not on_cpu),
         ]
     out = []
     for dtype in (torch.bfloat16, torch.float32):
