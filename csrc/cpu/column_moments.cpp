@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "column_reduce.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -21,18 +22,7 @@ void column_moments_kernel(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar
   parallel_for(k, 64, [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
     std::vector<acc> s(width, acc(0)), q(width, acc(0));
-    for (int64_t r = 0; r < n; ++r) {
-      const scalar_t* row = z + r * k + c0;
-      for (int64_t c = 0; c < width; ++c) s[c] += static_cast<acc>(row[c]);
-    }
-    for (int64_t c = 0; c < width; ++c) s[c] /= static_cast<acc>(n);
-    for (int64_t r = 0; r < n; ++r) {
-      const scalar_t* row = z + r * k + c0;
-      for (int64_t c = 0; c < width; ++c) {
-        const acc d = static_cast<acc>(row[c]) - s[c];
-        q[c] += d * d;
-      }
-    }
+    column_slice_moments(z, n, k, c0, width, s.data(), q.data());
     for (int64_t c = 0; c < width; ++c) {
       mean[c0 + c] = s[c];
       m2[c0 + c] = q[c];

@@ -49,6 +49,7 @@
 #include <cmath>
 #include <vector>
 
+#include "column_reduce.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -73,9 +74,8 @@ at::ScalarType acc_dtype_of(const at::Tensor& z) { return z.scalar_type() == at:
 
 // Column mean, m2 and the scaled centred copy out = (z - mean) · scale_k, scale_k = scale(m2_k).
 // With `other` (same shape, contiguous) and !have_mean, the pass that sums the columns also
-// accumulates sq_k = Σ_n (z_nk - other_nk)² while z's row slice is loaded (VICReg's invariance
-// term): only `other` is read extra. Each column is summed over the rows in order, so the
-// result does not depend on how the columns are split between threads.
+// accumulates sq_k = Σ_n (z_nk - other_nk)² (VICReg's invariance term): only `other` is read
+// extra. The statistics are column_slice_moments' (column_reduce.h): thread-count independent.
 template <typename scalar_t, typename ScaleF>
 void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>* mean, acc_t<scalar_t>* m2,
                        acc_t<scalar_t>* out, const ScaleF& scale, bool have_mean, const scalar_t* other = nullptr,
@@ -87,33 +87,10 @@ void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>*
     if (have_mean) {
       for (int64_t c = 0; c < w; ++c) s[c] = mean[c0 + c];
     } else {
-      if (other != nullptr) {
-        std::vector<acc> e(w, acc(0));
-        for (int64_t r = 0; r < n; ++r) {
-          const scalar_t* row = z + r * k + c0;
-          const scalar_t* orow = other + r * k + c0;
-          for (int64_t c = 0; c < w; ++c) {
-            const acc x = static_cast<acc>(row[c]);
-            const acc d = x - static_cast<acc>(orow[c]);
-            s[c] += x;
-            e[c] += d * d;
-          }
-        }
+      std::vector<acc> e(other != nullptr ? w : 0, acc(0));
+      column_slice_moments(z, n, k, c0, w, s.data(), q.data(), other, e.data());
+      if (other != nullptr)
         for (int64_t c = 0; c < w; ++c) sq[c0 + c] = e[c];
-      } else {
-        for (int64_t r = 0; r < n; ++r) {
-          const scalar_t* row = z + r * k + c0;
-          for (int64_t c = 0; c < w; ++c) s[c] += static_cast<acc>(row[c]);
-        }
-      }
-      for (int64_t c = 0; c < w; ++c) s[c] /= static_cast<acc>(n);
-      for (int64_t r = 0; r < n; ++r) {
-        const scalar_t* row = z + r * k + c0;
-        for (int64_t c = 0; c < w; ++c) {
-          const acc d = static_cast<acc>(row[c]) - s[c];
-          q[c] += d * d;
-        }
-      }
       for (int64_t c = 0; c < w; ++c) {
         mean[c0 + c] = s[c];
         m2[c0 + c] = q[c];
