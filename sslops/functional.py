@@ -370,6 +370,7 @@ def matrix_cross_entropy(p, q, *, order=4, method="taylor", check="raise", backe
     V.check_order(order)
     V.check_choice("method", method, _LOG_METHODS)
     matrix_guard.check_policy(check)
+    _backend.requested(backend)  # a bad name raises also where method="eigh" would not use it
     if method == "eigh":
         wide = _compute_dtype(p.dtype)
         return reference.matrix_cross_entropy(p.to(wide), q.to(wide), order=int(order), method=method)
@@ -459,6 +460,7 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
             V.check_real(name, value)
         V.check_order(order)
         V.check_choice("method", method, _SSL_METHODS)
+        _backend.requested(backend)  # a bad name raises also where method="exact" would not use it
     matrix_guard.check_policy(check)
     params = dict(lambd=float(lambd), mu=float(mu), gamma=float(gamma), order=int(order))
     if gathering:

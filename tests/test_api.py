@@ -213,3 +213,13 @@ def test_pairs_compile_fullgraph_and_out_of_range_gives_nan(loss):
         assert torch.isnan(compiled(z, bad))
         with pytest.raises(ValueError, match="pairs must hold indices"):
             fn(z, bad)
+
+
+def test_bad_backend_raises_also_for_the_exact_methods():
+    """backend= is checked before method picks a route that ignores it (eigh / exact)."""
+    p, z = randn(8, 3, seed=1), randn(8, 3, seed=2)
+    q = torch.eye(3) * 0.9
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sslops.matrix_cross_entropy(q * 0.5, q, method="eigh", backend="bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sslops.matrix_ssl_loss(p, z, method="exact", backend="bogus")
