@@ -126,7 +126,7 @@ def main(argv=None):
             rows = common.run_case(case, device, with_compile=not args.no_compile, compile_budget=budget,
                                    min_run_time=args.min_run_time, on_provider=advance)
             failed += sum(r.get("status") == "failed" for r in rows)
-            tqdm.write("\n" + common.format_table(case, rows), file=sys.stdout)
+            tqdm.write("\n" + common.format_table(case, rows, device.type), file=sys.stdout)
             sys.stdout.flush()
             if not args.no_save:
                 common.append_results(common.result_rows(case, device, rows, run_id, args.note), args.out)
@@ -137,8 +137,11 @@ def main(argv=None):
     if args.plot:
         from . import plot
 
-        for path in plot.plot(args.out, run_id=None if args.no_save else run_id):
+        paths = plot.plot(args.out, run_id=None if args.no_save else run_id)
+        for path in paths:
             print("plot:", path)
+        if not paths:
+            print(f"plot: no loss was measured at {plot.MIN_POINTS} or more sizes along N or K in this run (try --full)")
     return 0
 
 

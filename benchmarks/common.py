@@ -3,7 +3,8 @@
 A :class:`Case` is one loss at one shape and dtype. Each ``benchmarks/bench_<stem>.py``
 defines ``LOSSES`` (the loss names it covers) and ``cases(device, full) -> list[Case]``.
 For every case the harness runs these *providers*, each as forward + backward
-(``loss.backward()`` with respect to every floating-point input):
+(``loss.backward()`` with respect to every floating-point input, or to the case's
+``grad_inputs``):
 
 * ``sslops-<backend>`` for every backend in ``sslops.kernel_backends(loss, device)``
   (the Triton interpreter is a test tool, not a provider: ``triton`` is skipped on CPU);
@@ -104,6 +105,9 @@ class Case:
         skip_backends: ``{backend: reason}``: sslops backends not run for this case,
             recorded as skipped with the reason (e.g. a kernel known to be far too slow
             at this size to be worth the device time).
+        grad_inputs: positions of the inputs that require grad (the backward differentiates
+            those only, as in training where e.g. a teacher's output is detached); None:
+            every floating input.
     """
 
     loss: str
@@ -118,6 +122,7 @@ class Case:
     name: str = ""
     compile: bool = True
     skip_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
+    grad_inputs: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         if not self.name:
@@ -426,7 +431,7 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
     if with_compile and case.compile:
         out.append(("compile", COMPILE, None))
     elif with_compile:
-        out.append(("compile", None, "compile not run at this size on this device (Case.compile=False)"))
+        out.append(("compile", None, "torch.compile is run on the target sizes only (compiling costs about 30 s per case on a CPU)"))
     for name, fn in case.extra.items():
         out.append((name, fn, None))
     return out
@@ -435,9 +440,9 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
 def _prepare(case: Case, device: torch.device):
     inputs = case.make_inputs(device)
     prepared = []
-    for t in inputs:
+    for i, t in enumerate(inputs):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            t = t.detach().requires_grad_(True)
+            t = t.detach().requires_grad_(case.grad_inputs is None or i in case.grad_inputs)
         prepared.append(t)
     leaves = [t for t in prepared if isinstance(t, torch.Tensor) and t.requires_grad]
     return prepared, leaves
@@ -737,42 +742,70 @@ def fmt_mb(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def format_table(case: Case, rows: Sequence[dict]) -> str:
-    """A plain-text table of one case's providers."""
-    has_bound = any(r.get("bound_ms") is not None for r in rows)
+def _load_text(device_type: str) -> str:
+    """``load 3.2 / 2 CPUs`` (1-minute load average against the CPUs; ``""`` where unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    text = f"load {load:.1f} / {os.cpu_count()} CPUs"
+    return text if device_type == "cpu" else text + " (host)"
+
+
+def format_table(case: Case, rows: Sequence[dict], device_type: str = "cpu") -> str:
+    """A narrow plain-text table of one case's providers.
+
+    The heading carries the case, the machine's load average and the case's FLOP bound;
+    every longer text (the case's note, why a provider was skipped or failed) is a numbered
+    footnote under the table, so no row is wider than its numbers.
+    """
+    notes: List[str] = []
+
+    def footnote(text):
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
+    title = case.title + (f" {footnote(case.note)}" if case.note else "")
+    heading = [title]
+    load = _load_text(device_type)
+    if load:
+        heading.append(load)
+    bound = next((r.get("bound_ms") for r in rows if r.get("bound_ms") is not None), None)
+    if bound is not None:
+        heading.append(f"FLOP bound {fmt_num(bound)} ms")
+    has_bound = bound is not None
     has_rss = any(r.get("peak_rss_mb") is not None for r in rows)
-    header = ["provider", "median ms", "p20", "p80", "peak MB"] + (["RSS MB"] if has_rss else [])
-    header += ["speed-up", "mem x", "loss rel.diff"]
-    if has_bound:
-        header += ["bound ms", "% bound"]
-    header += ["status"]
+    header = ["provider", "ms", "p20-p80", "peak MB"] + (["RSS MB"] if has_rss else [])
+    header += ["speed-up", "mem x", "rel.diff"] + (["% bound"] if has_bound else []) + ["status"]
     body = []
     for r in rows:
         ok = r.get("status") == "ok"
-        cells = [r["provider"],
-                 _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("p20_ms"), ".3f"), _fmt(r.get("p80_ms"), ".3f"),
-                 fmt_mb(r.get("peak_mb"))] + ([fmt_mb(r.get("peak_rss_mb"))] if has_rss else []) + [
-                 _fmt(r.get("speedup_vs_naive"), ".2f"), _fmt(r.get("memory_ratio_vs_naive"), ".2f"),
-                 _fmt(r.get("rel_diff_vs_naive"), ".1e")]
-        if has_bound:
-            cells += [_fmt(r.get("bound_ms"), ".4f"), _fmt(r.get("pct_of_bound"), ".1f")]
-        cells += ["ok" if ok else f"{r.get('status')}: {r.get('error') or ''}"[:120]]
+        spread = "-" if r.get("p20_ms") is None else f"{fmt_num(r['p20_ms'])}-{fmt_num(r['p80_ms'])}"
+        cells = [r["provider"], fmt_num(r.get("median_ms")), spread, fmt_mb(r.get("peak_mb"))]
+        cells += [fmt_mb(r.get("peak_rss_mb"))] if has_rss else []
+        cells += [_fmt(r.get("speedup_vs_naive"), ".2f"), _fmt(r.get("memory_ratio_vs_naive"), ".2f"),
+                  _fmt(r.get("rel_diff_vs_naive"), ".0e")]
+        cells += [_fmt(r.get("pct_of_bound"), ".0f")] if has_bound else []
+        cells += ["ok" if ok else f"{r.get('status', 'failed')} {footnote(r.get('error') or 'no reason recorded')}"]
         body.append(cells)
     widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
-    lines = [case.title + (f"   [{case.note}]" if case.note else "")]
-    lines.append("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    lines = [" | ".join(heading)]
+    lines.append("  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
     for row in body:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    lines += [f"  [{i + 1}] {text}" for i, text in enumerate(notes)]
     return "\n".join(lines)
 
 
-LEGEND = ("time: forward+backward per call (median, p20, p80); peak MB: peak allocated above the inputs "
-          "(gradients included); speed-up = naive time / provider time; mem x = naive peak / provider peak "
-          "(both > 1 = better than naive PyTorch); RSS MB (CPU) = growth of the process's peak resident "
-          "memory while timing, a cross-check that also sees non-PyTorch allocations; loss rel.diff = |loss - naive loss| / |naive loss| (naive "
-          "runs in the input dtype); bound ms = the case's FLOPs at the device ceiling (datasheet "
-          "peak for known GPUs, else the best measured matmul rate, or --peak-tflops), % bound = bound / median")
+LEGEND = ("columns: ms = forward+backward per call (median; p20-p80 the spread); peak MB = peak allocated "
+          "above the inputs (gradients included); RSS MB (CPU) = growth of the process's peak resident memory "
+          "while timing, a cross-check that also sees non-PyTorch allocations; speed-up = naive ms / provider ms "
+          "and mem x = naive peak / provider peak (> 1 = better than naive PyTorch); rel.diff = |loss - naive "
+          "loss| / |naive loss| (naive runs in the input dtype); % bound = the case's FLOP bound (its FLOPs at "
+          "the device ceiling: datasheet peak for known GPUs, else the best measured matmul rate, or "
+          "--peak-tflops) / median; [n] = footnote under the table")
 
 
 def is_cuda(device) -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from . import _backend, distributed, reference
 from . import _validation as V
+from .ops._first_order import no_func_transform
 
 __all__ = [
     "vicreg_loss",
@@ -41,12 +42,22 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kernel(loss, name):
+    """The fused kernel ``name`` of ``loss``, after checking that no torch.func transform differentiates it."""
+    no_func_transform(_PUBLIC_NAMES.get(loss, loss))
+    return _backend.kernel_impl(loss, name)
+
+
+_PUBLIC_NAMES = {"vicreg": "vicreg_loss", "vicreg_relation": "vicreg_relation_loss", "barlow_twins": "barlow_twins_loss",
+                 "info_nce": "info_nce_loss", "matrix_ssl": "matrix_ssl_loss"}
+
+
 def _run(loss, backend, tensors, params, reference_fn):
     """Run ``loss`` on the resolved backend; the reference runs in fp32 (fp64 for fp64)."""
     lead = tensors[0]
     name = _backend.resolve(loss, backend, lead.device, tuple(t.shape for t in tensors if isinstance(t, torch.Tensor)))
     if name != "reference":
-        return _backend.kernel_impl(loss, name)(*tensors, **params)
+        return _kernel(loss, name)(*tensors, **params)
     wide = _compute_dtype(lead.dtype)
     cast = [t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
     return reference_fn(*cast, **params)
@@ -396,9 +407,15 @@ def _matrix_ssl_exact(p, z, lambd, mu, gamma):
 
 
 def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False, backend="auto", method="taylor", check="raise"):
-    r"""Matrix-SSL (Zhang et al., arXiv 2305.17326) for one ordered pair (online p, target z).
+    r"""Matrix-SSL (Zhang et al., arXiv 2305.17326) for one ordered pair: target p, online z.
 
-    Rows are L2-normalised, J centres by subtracting column means (never an N×N matrix):
+    The roles are those of the paper's released training code: ``p`` is the **target**
+    branch, the teacher (momentum / EMA) encoder's output, detached there; ``z`` is the
+    **online** branch, the predictor's output, whose gradient trains the network: it flows
+    through log Q(z) of the alignment term and through pᵀJz of the uniformity term. (The
+    function is differentiable in both arguments; a ``p`` that requires grad gets its
+    gradient too, through P = pᵀJp and pᵀJz.) Rows are L2-normalised, J centres by
+    subtracting column means (never an N×N matrix):
 
     .. math::
 
@@ -407,14 +424,20 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         \mathcal L(p, z) &= U(p, z) + \gamma\,A(p, z)
 
     log by the Taylor series of ``order`` around I, as the released code does (it drops
-    MCE's +tr(Q) term). The symmetric two-view loss of the paper is::
+    MCE's +tr(Q) term). The symmetric two-view loss of the paper, with a momentum teacher::
 
+        z1, z2 = predictor(encoder(x1)), predictor(encoder(x2))   # online branch
+        with torch.no_grad():                                      # target branch
+            p1, p2 = teacher(x1), teacher(x2)                      # teacher: EMA copy of encoder
         loss = 0.5 * (matrix_ssl_loss(p2, z1) + matrix_ssl_loss(p1, z2))
+        loss.backward()
+        ema_update(teacher, encoder)                               # e.g. momentum 0.996
 
     with λ = μ = γ = 1 (the released command line; its argparse defaults are 0.5).
 
     The kernels never form log Q: only tr(X^k) and tr(P X^k) (four K×K products for order
-    4 in the forward, four in the backward; see :mod:`sslops.ops.matrix_info`).
+    4 in the forward; in the backward four when both inputs need a gradient, two when only
+    z does; see :mod:`sslops.ops.matrix_info`).
 
     **Convergence guard.** The series needs ρ(Q - I) < 1 for both Q. With L2-normalised rows
     and μ = 1 that holds by construction (‖pᵀJz/N‖_F ≤ 1); other μ can break it (μ ≤ 0 or
@@ -442,19 +465,32 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
     (~ρ⁵/5 per eigenvalue) is negligible for spread-out embeddings and reaches 1% as they
     collapse onto two directions.
 
+    The fused kernels are first-order (their backward is not differentiable):
+    ``create_graph=True`` and ``torch.func.grad`` raise ``RuntimeError``; ``backend="reference"``
+    is plain PyTorch, differentiable to any order.
+
     Args:
-        p, z: (N, K) online-branch and target-branch embeddings.
+        p: (N, K) target-branch embeddings (the teacher's output; usually detached), N >= 2.
+        z: (N, K) online-branch embeddings (the predictor's output), same shape and dtype.
         lambd, mu, gamma: λ, μ, γ (1, 1, 1).
         order: Taylor order n >= 1 (4).
-        gather: global-batch loss (SPEC §5); the series path only, not guarded.
+        gather: the loss over the global batch of a torch.distributed job (README,
+            "Distributed training"); the series path only, not guarded.
         backend: see :mod:`sslops` (``method="taylor"`` only).
         method: ``"taylor"`` (the released code's series) or ``"exact"``.
         check: the convergence guard's policy for ``method="taylor"``.
+    Returns:
+        0-dim, fp32 (fp64 for fp64 inputs); gradients in the inputs' dtype.
+    Raises:
+        TypeError, ValueError: bad input, naming the argument (N < 2: one centred row has a
+        zero covariance); ``ValueError`` from the guard (``check="raise"``) when the series
+        diverges.
     """
     gathering = _gathering(gather)
     with _checked("matrix_ssl", gathering):
-        V.check_embedding("p", p)
-        V.check_embedding("z", z)
+        why = " (Matrix-SSL centres the rows: the covariances of one row are zero)"
+        V.check_embedding("p", p, min_rows=1 if gathering else 2, why_rows=why)
+        V.check_embedding("z", z, min_rows=1 if gathering else 2, why_rows=why)
         V.check_same_layout("p", p, "z", z)
         for name, value in (("lambd", lambd), ("mu", mu), ("gamma", gamma)):
             V.check_real(name, value)
@@ -472,7 +508,7 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         return _matrix_ssl_exact(p.to(wide), z.to(wide), params["lambd"], params["mu"], params["gamma"])
     name = _backend.resolve("matrix_ssl", backend, p.device, (tuple(p.shape), tuple(z.shape)))
     if name != "reference":
-        return _backend.kernel_impl("matrix_ssl", name)(p, z, check=check, **params)
+        return _kernel("matrix_ssl", name)(p, z, check=check, **params)
     pw, zw = p.to(wide), z.to(wide)
     loss = reference.matrix_ssl_loss(pw, zw, **params)
     if check != "off":

@@ -44,11 +44,16 @@ act as ``"nan"``: a data-dependent Python branch would break the graph.
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 
 import torch
 
 CHECK_POLICIES = ("raise", "warn", "nan", "off")
+# The exact route of each public function that uses the series: its error message offers that
+# function's own option (matrix_ssl_loss has no method="eigh", matrix_log no method="exact").
+EXACT_METHODS = {"matrix_log": "eigh", "matrix_cross_entropy": "eigh", "matrix_ssl_loss": "exact"}
 MARGIN = 0.01
 POWER_STEPS = 24
 POWER_VECTORS = 4
@@ -131,12 +136,32 @@ def log_series_matrices(x, arg="q"):
 
 
 def _message(where, what, arg, radius, hint):
+    remedies = [f"use the exact route {where}(..., method={EXACT_METHODS[where]!r})"] if where in EXACT_METHODS else []
+    remedies.append("pass check='warn' | 'nan' | 'off' (see sslops.matrix_guard)")
     return (
         f"{where}: the Taylor series of log Q diverges for {what}: the spectral radius of Q - I is "
-        f"about {radius:.4g} (it must be below 1). Check the argument {arg}{hint}; or use an exact "
-        "method (method='eigh' / method='exact'), or pass check='warn' | 'nan' | 'off' "
-        "(see sslops.matrix_guard)."
+        f"about {radius:.4g} (it must be below 1). Check the argument {arg}{hint}; or " + ", or ".join(remedies) + "."
     )
+
+
+# Frames in these directories are the library's (and PyTorch's module call machinery, when a
+# loss is called through sslops.nn): a warning is attributed to the first frame outside them.
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def _user_stacklevel():
+    """The ``stacklevel`` for ``warnings.warn`` called from :func:`guard` that names the caller's line.
+
+    Counts the frames from :func:`guard` up to the first one outside sslops and torch, so the
+    warning points at the user's call however many library layers sit in between
+    (functional → ops → guard, or sslops.nn → Module.__call__ → functional → ...).
+    """
+    frame = sys._getframe(1)  # guard's frame
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def check_policy(check):
@@ -176,5 +201,5 @@ def guard(result, mats, check, where):
             msg = _message(where, what, arg, radius, hint)
             if policy == "raise":
                 raise ValueError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(msg, RuntimeWarning, stacklevel=_user_stacklevel())
     return result

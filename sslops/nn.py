@@ -91,9 +91,20 @@ class NTXentLoss(_Loss):
 class MatrixSSLLoss(_Loss):
     """Matrix-SSL, symmetric over two views: ``loss = MatrixSSLLoss()(p1, p2, z1, z2)``.
 
-    Returns ``0.5 * (matrix_ssl_loss(p2, z1) + matrix_ssl_loss(p1, z2))``, the paper's
-    training loss; call with ``(p, z)`` only for one ordered pair. See
-    :func:`sslops.matrix_ssl_loss`.
+    ``p1, p2`` are the **target** branch of views 1 and 2: the teacher (momentum / EMA)
+    encoder's outputs, detached in the paper's released training code; ``z1, z2`` are the
+    **online** branch: the predictor's outputs, through which the gradient flows. Returns
+    ``0.5 * (matrix_ssl_loss(p2, z1) + matrix_ssl_loss(p1, z2))``, the paper's training
+    loss (each view's online output against the other view's target); call with ``(p, z)``
+    only for one ordered pair. ::
+
+        criterion = sslops.nn.MatrixSSLLoss()
+        z1, z2 = predictor(encoder(x1)), predictor(encoder(x2))
+        with torch.no_grad():
+            p1, p2 = teacher(x1), teacher(x2)
+        criterion(p1, p2, z1, z2).backward()
+
+    See :func:`sslops.matrix_ssl_loss` for the math, the arguments and what it raises.
     """
 
     _fields = ("lambd", "mu", "gamma", "order", "gather", "backend", "method", "check")

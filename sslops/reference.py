@@ -344,10 +344,12 @@ def matrix_cross_entropy(p, q, order=4, method="taylor"):
 
 
 def matrix_ssl_loss(p, z, lambd=1.0, mu=1.0, gamma=1.0, order=4):
-    r"""One direction of Matrix-SSL: ``U(p, z) + gamma·A(p, z)`` (SPEC §4).
+    r"""One direction of Matrix-SSL: ``U(p, z) + gamma·A(p, z)`` (README, "Use"; arXiv 2305.17326).
 
-    Rows of p (online branch) and z (target branch) are L2-normalised, then centred by
-    subtracting column means (pᵀJz = pcᵀzc since J is a symmetric projection)::
+    p is the target branch (the teacher's output, detached in the released training code), z
+    the online branch (the predictor's output: the gradient flows through log Q(z)). Rows of
+    both are L2-normalised, then centred by subtracting column means (pᵀJz = pcᵀzc since J
+    is a symmetric projection)::
 
         U(p, z) = -tr(lambd·I · log(pcᵀ zc / N + mu·I)) = -lambd·tr(log(...))
         A(p, z) = -tr((pcᵀ pc / N + mu·I) · log(zcᵀ zc / N + mu·I))
@@ -376,35 +378,47 @@ def matrix_ssl_loss(p, z, lambd=1.0, mu=1.0, gamma=1.0, order=4):
 
 
 def released_matrix_ssl_loss(p, z, lambd=1.0, mu=1.0, gamma=1.0, order=4):
-    r"""The value of :func:`matrix_ssl_loss`, computed the way the paper's released code does.
+    r"""The value of :func:`matrix_ssl_loss`, computed with the operations of the paper's released code.
 
-    A benchmark baseline, not a recommended implementation: it builds the N×N centring
-    matrix ``J = I - 11ᵀ/N``, forms ``pᵀ J z`` through it, multiplies out every Taylor power
-    (Q - I)^k as a full K×K matrix, and takes the trace of the full K×K product ``-P·log Q``.
-    Rows are L2-normalised inside each of the two terms, as the released loss function does.
+    A benchmark baseline, not a recommended implementation. Written from the loss of the
+    released training script (github.com/yifanzhang-pro/Matrix-SSL, ``main_pretrain.py``:
+    ``mce_loss_func``, ``matrix_log``, ``centering_matrix``), one direction, for one process
+    (its ``gather_from_all`` is the identity there). The operations, in its order:
+
+    * two calls of the loss function, the uniformity one (``correlation=True``) and the
+      alignment one (``correlation=False``, weighted by γ); each L2-normalises p and z and
+      builds its own N×N centring matrix ``J = I - (1_N 1_Nᵀ)/N`` (the outer product by a
+      matrix product);
+    * uniformity: P = λI, Q = (1/N)·(pᵀ J z) + μI; alignment: P = (1/N)·(pᵀ J p) + μI,
+      Q = (1/N)·(zᵀ J z) + μI, each product left to right through J (an N×N×K product first);
+    * the series: X = Q - I, then for k = 1..n the partial sum gains ±X^k/k and X^k is
+      multiplied by X once more (n K×K products, the last one unused);
+    * the loss term ``trace(-P @ log Q)``: a full K×K product and its trace.
     """
     n, k = p.shape
-    j = _eye(n, p) - torch.ones(n, n, dtype=p.dtype, device=p.device) / n
-    eye = _eye(k, p)
+
+    def centering_matrix(m):
+        return _eye(m, p) - (torch.ones(m, 1, dtype=p.dtype, device=p.device) @ torch.ones(1, m, dtype=p.dtype, device=p.device)) * (1.0 / m)
 
     def series_log(q):
-        x = q - eye
-        power = x
-        out = torch.zeros_like(q)
+        x = q - _eye(q.shape[0], q)
+        cur = x
+        res = torch.zeros_like(x)
         for i in range(1, order + 1):
-            out = out + power * ((-1.0) ** (i + 1) / i)
-            power = power @ x
-        return out
+            res = res + cur * (1.0 / i) if i % 2 == 1 else res - cur * (1.0 / i)
+            cur = cur @ x
+        return res
 
     def term(p, z, correlation):
-        p = F.normalize(p, dim=1)
-        z = F.normalize(z, dim=1)
+        p = F.normalize(p)
+        z = F.normalize(z)
+        j = centering_matrix(n)
         if correlation:
-            big_p = lambd * eye
-            big_q = p.T @ j @ z / n + mu * eye
+            big_p = lambd * _eye(k, p)
+            big_q = (1.0 / n) * (p.T @ j @ z) + mu * _eye(k, p)
         else:
-            big_p = p.T @ j @ p / n + mu * eye
-            big_q = z.T @ j @ z / n + mu * eye
+            big_p = (1.0 / n) * (p.T @ j @ p) + mu * _eye(k, p)
+            big_q = (1.0 / n) * (z.T @ j @ z) + mu * _eye(k, p)
         return torch.trace(-big_p @ series_log(big_q))
 
     return term(p, z, True) + gamma * term(p, z, False)

@@ -3,6 +3,7 @@
 Tiny cases only (the real sweeps are run by hand: ``python -m benchmarks``).
 """
 
+import dataclasses
 import json
 import os
 import types
@@ -160,14 +161,44 @@ def test_report_cli_writes_markdown(tiny, tmp_path):
     assert report.render([], None).startswith("_no benchmark results_")
 
 
-def test_plot_draws_pngs(tiny, tmp_path):
+def test_plot_draws_only_axes_with_three_sizes(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import plot
 
     out = tmp_path / "results.jsonl"
-    bench_main.main(["--only", "tiny", "--device", "cpu", "--out", str(out), "--min-run-time", "0.02", "--no-compile"])
+
+    def row(loss, n, k, provider, ms):
+        return {"device": "cpu test", "loss": loss, "dtype": "fp32", "shape": {"N": n, "K": k}, "provider": provider,
+                "status": "ok", "median_ms": ms, "peak_mb": ms / 2}
+
+    rows = [row("swept", n, 8, p, n * f) for n in (16, 32, 64) for p, f in (("naive", 1.0), ("sslops-cpu", 1.0))]
+    rows += [row("one_point", 16, 8, "naive", 1.0), row("one_point", 32, 16, "naive", 2.0)]
+    common.append_results(rows, str(out))
+    assert [axis for axis, *_ in plot._axes_to_draw([r for r in rows if r["loss"] == "swept"])] == ["N"]
+    assert plot._axes_to_draw([r for r in rows if r["loss"] == "one_point"]) == []
     paths = plot.plot(str(out), out_dir=str(tmp_path))
-    assert len(paths) == 1 and os.path.getsize(paths[0]) > 1000
+    assert len(paths) == 1 and "swept" in paths[0] and os.path.getsize(paths[0]) > 1000
+
+
+def test_table_rows_stay_narrow_with_footnotes_and_load():
+    case = _tiny_module().cases("cpu", False)[0]
+    long_reason = "RuntimeError: " + "a very long reason that used to widen every row of the table " * 4
+    rows = [
+        {"provider": "naive", "status": "ok", "median_ms": 12.3456, "p20_ms": 12.0, "p80_ms": 13.0, "peak_mb": 1.2,
+         "peak_rss_mb": 0.5, "speedup_vs_naive": 1.0, "memory_ratio_vs_naive": 1.0, "rel_diff_vs_naive": 0.0,
+         "bound_ms": 0.5, "pct_of_bound": 4.1},
+        {"provider": "compile", "status": "skipped", "error": long_reason},
+        {"provider": "boom", "status": "failed", "error": "RuntimeError: deliberate failure"},
+    ]
+    text = common.format_table(case, rows, "cpu")
+    lines = text.splitlines()
+    assert "load " in lines[0] and "CPUs" in lines[0] and "FLOP bound 0.5 ms" in lines[0]
+    assert "tiny test case" not in lines[0] and "[1]" in lines[0]  # the case's note is footnote 1
+    table = lines[1:1 + 2 + len(rows)]
+    assert max(len(line) for line in table) <= 100, table
+    assert "skipped [2]" in table[3] and "failed [3]" in table[4]
+    assert lines[-3:] == ["  [1] tiny test case", f"  [2] {long_reason}", "  [3] RuntimeError: deliberate failure"]
+    assert "Case.compile" not in common.providers(dataclasses.replace(case, compile=False), torch.device("cpu"))[-2][2]
 
 
 def test_unknown_only_and_dtype_are_rejected(tiny):

@@ -291,6 +291,39 @@ def test_guard_matrix_ssl_raises_names_mu(backend):
         torch.testing.assert_close(sslops.matrix_ssl_loss(p, z, mu=mu, backend=backend, check="nan"), a)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_guard_message_offers_the_called_functions_own_exact_method(backend):
+    """matrix_ssl_loss's message offers method='exact' (it rejects 'eigh'); matrix_log and
+    matrix_cross_entropy offer method='eigh' (they reject 'exact'): the advice works as given."""
+    p, z = randn(40, 9, seed=1), randn(40, 9, seed=2)
+    with pytest.raises(ValueError) as err:
+        sslops.matrix_ssl_loss(p, z, mu=2.5, backend=backend)
+    msg = str(err.value)
+    assert "method='exact'" in msg and "method='eigh'" not in msg
+    assert torch.isfinite(sslops.matrix_ssl_loss(p, z, mu=2.5, method="exact"))  # the advice, followed
+    q = torch.eye(4, dtype=torch.float64) + torch.diag(torch.tensor([0.2, -0.3, 1.5, 0.1], dtype=torch.float64))
+    for fn in (sslops.matrix_log, lambda m: sslops.matrix_cross_entropy(m, m, backend=backend)):
+        with pytest.raises(ValueError) as err:
+            fn(q)
+        assert "method='eigh'" in str(err.value) and "method='exact'" not in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_guard_warning_points_at_the_callers_line(backend):
+    p, z = randn(40, 9, seed=1), randn(40, 9, seed=2)
+    q = torch.eye(4, dtype=torch.float64) + torch.diag(torch.tensor([0.2, -0.3, 1.5, 0.1], dtype=torch.float64))
+    calls = [
+        lambda: sslops.matrix_ssl_loss(p, z, mu=2.5, backend=backend, check="warn"),
+        lambda: sslops.nn.MatrixSSLLoss(mu=2.5, backend=backend, check="warn")(p, p, z, z),
+        lambda: sslops.matrix_log(q, check="warn"),
+        lambda: sslops.matrix_cross_entropy(q, q, backend=backend, check="warn"),
+    ]
+    for call in calls:
+        with pytest.warns(RuntimeWarning, match="diverges") as record:
+            call()
+        assert {w.filename for w in record} == {__file__}, [w.filename for w in record]
+
+
 def test_guard_collapsed_embeddings_mu_one():
     """Fully collapsed rows give ρ(Q - I) = 1 exactly for the uniformity term: a divergence, flagged."""
     base = randn(1, 8, torch.float64, seed=3)

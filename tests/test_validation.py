@@ -58,9 +58,11 @@ class TestTwoViewInputs:
             fn(torch.randn(6, 0), torch.randn(6, 0))
 
 
-@pytest.mark.parametrize("fn", [sslops.vicreg_loss, sslops.barlow_twins_loss], ids=["vicreg", "barlow"])
-def test_variance_needs_two_rows(fn):
-    with pytest.raises(ValueError, match=r"z_a needs at least 2 rows.*N = 1"):
+@pytest.mark.parametrize("fn,first", [(sslops.vicreg_loss, "z_a"), (sslops.barlow_twins_loss, "z_a"),
+                                      (sslops.matrix_ssl_loss, "p")], ids=["vicreg", "barlow", "matrix_ssl"])
+def test_variance_needs_two_rows(fn, first):
+    # one row has a zero centred covariance: an error, not a silent 0.0 (Matrix-SSL returned 0.0)
+    with pytest.raises(ValueError, match=rf"{first} needs at least 2 rows.*N = 1"):
         fn(torch.randn(1, 4), torch.randn(1, 4))
 
 

@@ -69,6 +69,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension
+from ._first_order import first_order_only
 
 __all__ = ["set_dot_precision", "dot_precision"]
 
@@ -247,6 +248,7 @@ def _vicreg_setup(ctx, inputs, output):
 
 
 def _vicreg_backward(ctx, grad, *_unused):
+    first_order_only("vicreg_loss")
     z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b = ctx.saved_tensors
     dz_a, dz_b = vicreg_bwd(grad, z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b, *ctx.params)
     return dz_a, dz_b, None, None, None, None, None, None, None
@@ -295,6 +297,7 @@ def _varcov_setup(ctx, inputs, output):
 
 
 def _varcov_backward(ctx, grad_terms, *_unused):
+    first_order_only("vicreg_relation_loss")
     z, mean, m2, prod = ctx.saved_tensors
     if grad_terms is None:
         return None, None, None, None, None
@@ -428,6 +431,7 @@ def _relation_setup(ctx, inputs, output):
 
 
 def _relation_backward(ctx, grad, *_unused):
+    first_order_only("vicreg_relation_loss")
     z, rows, cols, weight, mean = ctx.saved_tensors
     if grad is None:
         return None, None, None
@@ -484,6 +488,7 @@ def _barlow_setup(ctx, inputs, output):
 
 
 def _barlow_backward(ctx, grad, *_unused):
+    first_order_only("barlow_twins_loss")
     z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b = ctx.saved_tensors
     dz_a, dz_b = barlow_twins_bwd(grad, z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b, *ctx.params)
     return dz_a, dz_b, None, None, None, None, None

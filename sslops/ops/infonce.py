@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _extension
+from ._first_order import first_order_only
 
 __all__ = ["info_nce_rows", "pairs_to_csr"]
 
@@ -105,6 +106,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_rows, grad_count, grad_lse):
+    first_order_only("info_nce_loss")
     z, labels, crow, col, pos_count, lse = ctx.saved_tensors
     temperature, row_start, row_end, backend = ctx.params
     dz = None

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _extension, matrix_guard
+from ._first_order import first_order_only
 
 __all__ = ["matrix_ssl", "guard_matrices", "matrix_cross_entropy"]
 
@@ -130,6 +131,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_xu, g_pa, g_xa, g_saved):
+    first_order_only("matrix_ssl_loss")
     p, z, xu, pa, xa, saved = ctx.saved_tensors
     lambd, mu, gamma, order, backend = ctx.params
     need_p, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -216,6 +218,7 @@ def _mce_setup_context(ctx, inputs, output):
 
 
 def _mce_backward_rule(ctx, g_loss, g_x, g_saved):
+    first_order_only("matrix_cross_entropy")
     p, x, saved = ctx.saved_tensors
     order, backend = ctx.params
     need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
