@@ -245,10 +245,13 @@ def _vicreg_setup(ctx, inputs, output):
     _, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b = output
     ctx.save_for_backward(z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b)
     ctx.params = (sim_coeff, std_coeff, cov_coeff, eps, backend, route)
+    ctx.set_materialize_grads(False)  # no zero K×K gradients for the saved outputs (they are never used)
 
 
 def _vicreg_backward(ctx, grad, *_unused):
     first_order_only("vicreg_loss")
+    if grad is None:
+        return (None,) * 9
     z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b = ctx.saved_tensors
     dz_a, dz_b = vicreg_bwd(grad, z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b, *ctx.params)
     return dz_a, dz_b, None, None, None, None, None, None, None
@@ -294,6 +297,7 @@ def _varcov_setup(ctx, inputs, output):
     _, mean, m2, prod = output
     ctx.save_for_backward(z, mean, m2, prod)
     ctx.params = (eps, backend, route)
+    ctx.set_materialize_grads(False)  # no zero K×K gradients for the saved outputs (they are never used)
 
 
 def _varcov_backward(ctx, grad_terms, *_unused):
@@ -485,10 +489,13 @@ def _barlow_setup(ctx, inputs, output):
     _, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b = output
     ctx.save_for_backward(z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b)
     ctx.params = (lambd, backend, route)
+    ctx.set_materialize_grads(False)  # no zero K×K gradients for the saved outputs (they are never used)
 
 
 def _barlow_backward(ctx, grad, *_unused):
     first_order_only("barlow_twins_loss")
+    if grad is None:
+        return (None,) * 7
     z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b = ctx.saved_tensors
     dz_a, dz_b = barlow_twins_bwd(grad, z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b, *ctx.params)
     return dz_a, dz_b, None, None, None, None, None

@@ -1,6 +1,6 @@
 r"""Custom ops of the matrix-information family: Matrix-SSL, matrix cross-entropy (and their convergence guard).
 
-One direction of Matrix-SSL (SPEC §4), rows L2-normalised, J the centring by column means,
+One direction of Matrix-SSL (README, "Use"), rows L2-normalised, J the centring by column means,
 c_k = (-1)^{k+1}/k, n = ``order``:
 
 .. math::
@@ -10,13 +10,15 @@ c_k = (-1)^{k+1}/k, n = ``order``:
          X_a = z_c^\top z_c/N + (\mu-1)I \\
     \mathcal L &= U + \gamma A
 
+p is the target branch (a teacher's output, detached in training), z the online branch.
 Only traces of powers are needed, never log Q: tr(X^k) = Σ (X^a ∘ (X^b)ᵀ) with a + b = k,
 and tr(P X^k) = Σ (A_{k-1} ∘ X_aᵀ) along the chain A_j = A_{j-1} X_a. Order 4 takes four K×K
 products in the forward (one for X_u², three for the chain, each traced in its epilogue) and
-four in the backward, which uses the power-sum formula
-d tr(P X^k)/dX = Σ_j (X^j)ᵀ Pᵀ (X^{k-1-j})ᵀ regrouped by Horner's rule (see
-``csrc/cpu/matrix_info_impl.h``), not autograd through the chain. The covariances come
-from one pass over the rows (normalise, centre) and two GEMMs, their gradients from one.
+in the backward four when both inputs need a gradient, two when only z does; the backward
+uses the power-sum formula d tr(P X^k)/dX = Σ_j (X^j)ᵀ Pᵀ (X^{k-1-j})ᵀ regrouped by Horner's
+rule (see ``csrc/cpu/matrix_info_impl.h``), not autograd through the chain. The covariances
+come from one pass over the rows (normalise, centre) and block GEMMs, their gradients from
+two GEMMs per input that needs one (on the CPU blocked over rows, no N×2K buffer).
 
 Ops:
 
@@ -128,10 +130,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(p, z, xu, pa, xa, saved)
     ctx.params = (lambd, mu, gamma, order, backend)
     ctx.mark_non_differentiable(xu, pa, xa, saved)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward zero K×K gradients for all of them
 
 
 def _backward(ctx, g_loss, g_xu, g_pa, g_xa, g_saved):
     first_order_only("matrix_ssl_loss")
+    if g_loss is None:
+        return (None,) * 7
     p, z, xu, pa, xa, saved = ctx.saved_tensors
     lambd, mu, gamma, order, backend = ctx.params
     need_p, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -215,10 +220,13 @@ def _mce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(p, x, saved)
     ctx.params = (order, backend)
     ctx.mark_non_differentiable(x, saved)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward zero gradients for X and the chain
 
 
 def _mce_backward_rule(ctx, g_loss, g_x, g_saved):
     first_order_only("matrix_cross_entropy")
+    if g_loss is None:
+        return (None,) * 4
     p, x, saved = ctx.saved_tensors
     order, backend = ctx.params
     need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
