@@ -1,6 +1,11 @@
 """Matrix-SSL benchmarks: ``matrix_ssl_loss`` with order-4 Taylor logs, against every alternative.
 
-Providers per case (forward + backward with respect to p and z, fp32):
+Roles as in the paper's released training code: p (first input) is the target branch, a
+teacher's output, detached; z (second input) is the online branch. The ``matrix_ssl`` cases
+therefore differentiate z only, as training does; ``matrix_ssl_grad_both`` differentiates both
+inputs (the harder case for the kernels: two more K×K products and twice the row GEMMs).
+
+Providers per case (forward + backward, fp32):
 
 * ``sslops-<backend>``: the fused kernels (traces of powers only, power-sum backward),
   with the default convergence guard ``check="raise"`` (its host sync included);
@@ -8,17 +13,21 @@ Providers per case (forward + backward with respect to p and z, fp32):
   (column means instead of an N×N centring matrix, tr(P·log Q) by an elementwise product),
   autograd through the series;
 * ``compile``: ``torch.compile`` of that;
-* ``released``: ``sslops.reference.released_matrix_ssl_loss``, the paper's released-code
-  route (an N×N centring matrix J, pᵀJz as two products through it, every Taylor power
-  as a full K×K matrix, the trace of a full K×K product);
+* ``released``: ``sslops.reference.released_matrix_ssl_loss``, the operations of the
+  paper's released training code (github.com/yifanzhang-pro/Matrix-SSL, ``main_pretrain.py``:
+  ``mce_loss_func`` once with ``correlation=True`` and once, times γ, with
+  ``correlation=False``; each call normalises the rows, builds its own N×N centring matrix
+  and multiplies through it, runs ``order`` Taylor products and takes the trace of a full
+  K×K product), autograd;
 * ``eigh``: ``matrix_ssl_loss(method="exact")``, the exact alternative: -λ·log det by LU and
   the alignment log by ``eigh`` (no series; autograd). Its ``rel_diff_vs_naive`` column is
   the order-4 series' relative error against the exact log on these inputs.
 
-Sizes: a quick CPU set (the CPU target N=1024, K=512 fp32 included, the target being
-≥3× faster than ``released`` with the C++ backend on 2 threads); ``--full`` (default on
-CUDA): K from 256 to 8192 at N = 4096 and N from 512 to 16384 at K = 1024, plus the GPU
-target N=4096, K=2048 (≥3× released, ≥1.5× naive, ≥20× eigh).
+Sizes: a quick CPU set (the CPU target N=1024, K=512 fp32, online branch only and both
+inputs, the target being ≥3.5× faster than ``released`` with the C++ backend on 2 threads
+on a quiet machine, and K = 128, 256, 512 at N = 1024 for the "vs K" plot); ``--full``
+(default on CUDA): K from 256 to 8192 at N = 4096 and N from 512 to 16384 at K = 1024, plus
+the GPU target N=4096, K=2048 (≥3× released, ≥1.5× naive, ≥20× eigh).
 
 Matrix cross-entropy MCE(P, Q) = tr(-P log Q + Q) of two K×K matrices (case ``mce``,
 order 4, fp32, forward + backward in P and Q): ``sslops-<backend>`` the fused kernels (the
@@ -38,28 +47,40 @@ from sslops import reference
 
 from .common import Case, randn_inputs
 
-LOSSES = ["matrix_ssl", "matrix_cross_entropy"]
+LOSSES = ["matrix_ssl", "matrix_ssl_grad_both", "matrix_cross_entropy"]
 ORDER = 4
+ONLINE = (1,)  # grad_inputs of the training case: z only (p is the detached teacher output)
 
 
-def matrix_ssl_flops(n, k, order=ORDER):
-    """Forward + backward FLOPs of the route sslops takes (K×K and N×K×K products only).
+def _ps_steps(degree, h):
+    """K×K products of a degree-``degree`` polynomial by Paterson–Stockmeyer in X^h, powers given
+    (Horner steps; a lone top coefficient needs none)."""
+    return degree // h - (1 if degree % h == 0 and degree >= h else 0)
 
-    Forward: the GEMMs on the centred rows, pcᵀ[pc | zc] and zcᵀzc, by half-blocks on
-    the CPU and CUDA C++ paths (5NK²; 6NK² for Triton and K < 128), then
-    (h-1) + (n-1) K×K products (h = ⌈n/2⌉: powers of the uniformity matrix, the traced
-    chain P·Xa^j). Backward: [pc | zc]·M (8NK²) and (h-1) + 3·(products of a
-    Paterson–Stockmeyer evaluation) K×K products; for order 4 that is 4 + 4 products.
+
+def matrix_ssl_flops(n, k, order=ORDER, need_p=True):
+    """Forward + backward FLOPs of the route sslops takes on the CPU (N×K×K and K×K products only).
+
+    Forward: the covariance GEMMs on the centred rows, the upper blocks of the symmetric Sp
+    and Sz only (5NK² from K = 128, 6NK² below), then (h-1) + (n-1) K×K
+    products (h = ⌈n/2⌉: powers of the uniformity matrix, the traced chain P·Xa^j).
+    Backward: two N×K×K GEMMs per input that needs a gradient, and K×K products: the
+    Paterson–Stockmeyer Horner steps of q(Xu) always, (h-1) powers of Xa and the steps of
+    f(Xa) for p, the Horner steps of R for z (order 4: 1 + 2 + 1).
     """
     h = (order + 1) // 2
+    fwd_gemm = 5.0 if k >= 128 else 6.0
     fwd_products = (h - 1) + (order - 1)
-    bwd_products = (h - 1) + 1 + 1 + max(1, (order - 1) // 2)  # Xa powers, q(Xu), f(Xa), Horner R
-    return 13.0 * n * k * k + 2.0 * k**3 * (fwd_products + bwd_products)
+    bwd_products = _ps_steps(order - 1, h) + (order - 1) // 2 + ((h - 1) + _ps_steps(order, h) if need_p else 0)
+    bwd_gemm = 4.0 * (2 if need_p else 1)
+    return (fwd_gemm + bwd_gemm) * n * k * k + 2.0 * k**3 * (fwd_products + bwd_products)
 
 
-def mce_case(n, k, dtype=torch.float32, *, compile=True, note=""):
+def mce_case(n, k, dtype=torch.float32, *, compile=True, note="", both=False):
+    """Matrix-SSL at (N, K); z alone requires grad (training), or both inputs with ``both``."""
     return Case(
         loss="matrix_ssl",
+        name="matrix_ssl_grad_both" if both else "matrix_ssl",
         shape={"N": n, "K": k},
         dtype=dtype,
         make_inputs=randn_inputs((n, k), (n, k), dtype=dtype),
@@ -69,9 +90,10 @@ def mce_case(n, k, dtype=torch.float32, *, compile=True, note=""):
             "released": lambda p, z: reference.released_matrix_ssl_loss(p, z, order=ORDER),
             "eigh": lambda p, z: sslops.matrix_ssl_loss(p, z, method="exact"),
         },
-        flops=matrix_ssl_flops(n, k),
+        flops=matrix_ssl_flops(n, k, need_p=both),
         compile=compile,
         note=note,
+        grad_inputs=None if both else ONLINE,
     )
 
 
@@ -100,8 +122,7 @@ def mce_pq_flops(k, order=ORDER):
     """Forward + backward FLOPs of the fused MCE route: n-1 products forward; backward
     h-1 powers + the Paterson–Stockmeyer Horner steps for P, n-1 Horner steps for Q."""
     h = (order + 1) // 2
-    ps_steps = order // h - (1 if order % h == 0 else 0)  # Horner steps in X^h (a lone top coefficient needs none)
-    products = (order - 1) + (h - 1) + ps_steps + (order - 1)
+    products = (order - 1) + (h - 1) + _ps_steps(order, h) + (order - 1)
     return 2.0 * k**3 * products
 
 
@@ -142,8 +163,10 @@ def cases(device, full):
     if not full:
         return [
             # compile costs ~30 s per case on this CPU: only at the target size there
-            mce_case(512, 256, compile=not on_cpu),
-            mce_case(1024, 512, note="CPU target case"),
+            mce_case(1024, 128, compile=not on_cpu),
+            mce_case(1024, 256, compile=not on_cpu),
+            mce_case(1024, 512, note="CPU target case (z alone requires grad, as in training)"),
+            mce_case(1024, 512, compile=not on_cpu, both=True, note="CPU target case, both inputs require grad"),
             lowrank_case(512, 256, 4),
             mce_pq_case(512),
         ]
@@ -151,8 +174,10 @@ def cases(device, full):
     out.append(mce_case(4096, 2048, note="GPU target case"))
     out += [mce_case(n, 1024) for n in (512, 1024, 2048, 8192, 16384)]
     out.append(mce_case(1024, 512, note="CPU target size"))
+    out.append(mce_case(1024, 512, both=True, note="CPU target size, both inputs require grad"))
     out += [lowrank_case(4096, 2048, r) for r in (2, 4, 16)]
     out += [mce_pq_case(k, compile=not on_cpu) for k in (256, 512, 1024)]
     if not on_cpu:
+        out.append(mce_case(4096, 2048, both=True, note="GPU target size, both inputs require grad"))
         out += [mce_pq_case(k, compile=True) for k in (2048, 4096)]
     return out

@@ -150,7 +150,10 @@ def test_opcheck_cpu(requires_grad):
     torch.library.opcheck(ops._ssl_forward, (p, z, 0.7, 1.0, 1.3, 4, "cpu"))
     out = ops._ssl_forward(p.detach(), z.detach(), 0.7, 1.0, 1.3, 4, "cpu")
     g = torch.tensor(1.5)
-    torch.library.opcheck(ops._ssl_backward, (g, p.detach(), z.detach(), *out[1:], 0.7, 1.0, 1.3, 4, True, True, "cpu"))
+    for need in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(ops._ssl_backward, (g, p.detach(), z.detach(), *out[1:], 0.7, 1.0, 1.3, 4, *need, "cpu"))
+    dp, dz = ops._ssl_backward(g, p.detach(), z.detach(), *out[1:], 0.7, 1.0, 1.3, 4, False, True, "cpu")
+    assert dp.shape == (0,) and dz.shape == z.shape  # the gradient not asked for is not allocated
 
 
 @needs_cpu

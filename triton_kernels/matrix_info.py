@@ -302,7 +302,6 @@ def ssl_backward(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p,
     w = _rows(p, z)
     pc, zc = w[:, :k], w[:, k:]
     scale = g / n  # the incoming gradient stays on the device (no host sync)
-    zeros = lambda t: torch.zeros_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     gp = gz = None
     if need_p:
         pa_pw = [xa]
@@ -324,7 +323,8 @@ def ssl_backward(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p,
         gzc = torch.mm(zc, r + r.T).mul_(-2.0 * gamma)  # dA/dXa = -(R + Rᵀ)
         gzc.addmm_(pc, q.T, alpha=-lambd)
         gz = _normalize_backward(z, gzc.mul_(scale), 0)
-    return (gp if gp is not None else zeros(p)), (gz if gz is not None else zeros(z))
+    none = p.new_empty((0,))  # the gradient nobody asked for: not allocated (see sslops.ops.matrix_info)
+    return (gp if gp is not None else none), (gz if gz is not None else none)
 
 
 def mce_forward(p, q, order):

@@ -46,11 +46,13 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "column_reduce.h"
 #include "parallel.h"
+#include "parallel_ops.h"
 
 namespace sslops {
 namespace {
@@ -71,6 +73,14 @@ bool use_gram(int64_t route, int64_t n, int64_t k, double gram_cost, double kk_c
 }
 
 at::ScalarType acc_dtype_of(const at::Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Rows per block of the row-blocked backward passes: at most N/8 (the blocks stay small next
+// to the N×K gradients they replace), 128, and what keeps `buffers` (rows, K) fp32 buffers per
+// thread within 512 KB (L2); at least 16 (BLAS efficiency).
+int64_t block_rows(int64_t n, int64_t k, int64_t buffers) {
+  const int64_t cap = std::min<int64_t>({128, n / 8, 131072 / std::max<int64_t>(1, k * buffers)});
+  return std::max<int64_t>(16, cap);
+}
 
 // Column mean, m2 and the scaled centred copy out = (z - mean) · scale_k, scale_k = scale(m2_k).
 // With `other` (same shape, contiguous) and !have_mean, the pass that sums the columns also
@@ -191,19 +201,13 @@ at::Tensor vicreg_view_backward_cpu(const at::Tensor& z_in, const c10::optional<
   const bool has_other = other_in.has_value() && other_in->defined();
   const at::Tensor other = has_other ? other_in->to(z.scalar_type()).contiguous() : at::Tensor();
   at::Tensor mean_c = mean.to(acc_dtype).contiguous(), m2_c = m2.to(acc_dtype).contiguous();
-  at::Tensor zh = at::empty({n, k}, opts);
   at::Tensor dz = at::empty({n, k}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vicreg_view_backward_cxx", [&] {
     using acc = acc_t<scalar_t>;
     const acc inv_s = std::sqrt(static_cast<acc>(n - 1));
     const acc s = acc(1) / inv_s;
-    normalise_columns<scalar_t>(z.data_ptr<scalar_t>(), n, k, mean_c.data_ptr<acc>(), nullptr, zh.data_ptr<acc>(),
-                                [s](int64_t) { return s; }, true);
-    // the product saved by the forward (N×N Gram or K×K covariance), or recomputed
     const bool gram = use_gram(route, n, k, 4.0 * n, 3.0 * k);
     const bool saved = prod.numel() > 0;
-    at::Tensor t = gram ? at::mm(saved ? prod.to(acc_dtype) : at::mm(zh, zh.t()), zh)
-                        : at::mm(zh, saved ? prod.to(acc_dtype) : at::mm(zh.t(), zh));
     const acc* cf = coef.data_ptr<acc>();
     const acc c_h = cf[0], c_off = cf[1], c_sim = cf[2];
     const acc* q = m2_c.data_ptr<acc>();
@@ -215,21 +219,49 @@ at::Tensor vicreg_view_backward_cpu(const at::Tensor& z_in, const c10::optional<
       // (∂t0 + ∂t1 diagonal part) per unit of Â, then divided by sqrt(N-1) below
       w[c] = (std::isnan(std_c) ? std_c : -c_h * active / std_c) - acc(4) * c_off * var;
     }
-    const acc* zhp = zh.data_ptr<acc>();
-    const acc* tp = t.data_ptr<acc>();
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* op = has_other ? other.data_ptr<scalar_t>() : nullptr;
     scalar_t* out = dz.data_ptr<scalar_t>();
     const acc c4 = acc(4) * c_off * s;
-    at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * k;
+    // rows [r0, r0 + m) of dz from the centred rows zhp and t = Ẑ·C (both with row stride k, from row r0)
+    auto write_rows = [&](const acc* zhp, const acc* tp, int64_t r0, int64_t m) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t base = (r0 + i) * k;
         for (int64_t c = 0; c < k; ++c) {
-          acc v = zhp[base + c] * w[c] * s + c4 * tp[base + c];
+          acc v = zhp[i * k + c] * w[c] * s + c4 * tp[i * k + c];
           if (op) v += c_sim * (static_cast<acc>(zp[base + c]) - static_cast<acc>(op[base + c]));
           out[base + c] = static_cast<scalar_t>(v);
         }
       }
+    };
+    if (!gram && saved) {
+      // K×K route with the saved covariance: blocks of rows, one thread each, the centred rows
+      // rebuilt and multiplied by C (single-thread GEMM) into block buffers: no N×K fp32 copy
+      // of z and no N×K product (the backward's peak memory is dz and the blocks).
+      const at::Tensor cov = prod.to(acc_dtype);
+      const acc* mp = mean_c.data_ptr<acc>();
+      const int64_t rows = block_rows(n, k, 2), blocks = (n + rows - 1) / rows;
+      parallel_for_ops(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        at::Tensor zb = at::empty({rows, k}, opts), tb = at::empty({rows, k}, opts);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * rows, m = std::min(rows, n - r0);
+          acc* zbp = zb.data_ptr<acc>();
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t c = 0; c < k; ++c) zbp[i * k + c] = (static_cast<acc>(zp[(r0 + i) * k + c]) - mp[c]) * s;
+          at::Tensor tv = tb.narrow(0, 0, m);
+          at::mm_out(tv, zb.narrow(0, 0, m), cov);
+          write_rows(zbp, tb.data_ptr<acc>(), r0, m);
+        }
+      });
+      return;
+    }
+    at::Tensor zh = at::empty({n, k}, opts);
+    normalise_columns<scalar_t>(zp, n, k, mean_c.data_ptr<acc>(), nullptr, zh.data_ptr<acc>(), [s](int64_t) { return s; }, true);
+    // the product saved by the forward (N×N Gram or K×K covariance), or recomputed
+    const at::Tensor t = gram ? at::mm(saved ? prod.to(acc_dtype) : at::mm(zh, zh.t()), zh)
+                              : at::mm(zh, saved ? prod.to(acc_dtype) : at::mm(zh.t(), zh));
+    at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+      write_rows(zh.data_ptr<acc>() + r0 * k, t.data_ptr<acc>() + r0 * k, r0, r1 - r0);
     });
   });
   return dz;
@@ -341,6 +373,89 @@ void barlow_finish(const acc_t<scalar_t>* p, const acc_t<scalar_t>* self, const 
   });
 }
 
+// The K×K route's backward from the saved c = ÂᵀB̂, blocked over rows (no N×K fp32 buffer).
+// With p = B̂cᵀ, q = Âc and d = g·(2λ·p + B̂·D) (D_k = 2(1-λ)·c̃_kk - 2, c̃_kk = Σ_r Â_rk B̂_rk),
+// dz_a = rstd_a/√N · (d - mean_r d - Â ⊙ Σ_r d ⊙ Â), and the two column reductions need no
+// pass over p: Σ_r p_r = c·(Σ_r B̂_r), Σ_r p_rk Â_rk = Σ_j c_kj² (since ÂᵀB̂ = c); the same
+// for q with cᵀ. So one pass reads both inputs for the column sums of Â, B̂ and Â ⊙ B̂ (in
+// double, each column in row order: independent of the thread count), then one pass over
+// blocks of rows, one thread each, rebuilds Â and B̂ for the block, takes p and q by
+// single-thread GEMMs and writes dz_a, dz_b. Same flops as the full-buffer route (4NK²).
+template <typename scalar_t>
+void barlow_backward_blocked(const at::Tensor& za, const at::Tensor& zb, const at::Tensor& ma, const at::Tensor& ra,
+                             const at::Tensor& mb, const at::Tensor& rb, const at::Tensor& c, double lambd, double g,
+                             at::Tensor& dza, at::Tensor& dzb) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = za.size(0), k = za.size(1);
+  const scalar_t *ap = za.data_ptr<scalar_t>(), *bp = zb.data_ptr<scalar_t>();
+  const acc root_n = std::sqrt(static_cast<acc>(n));
+  std::vector<acc> fa(k), fb(k);  // Â = (z_a - mean_a)·fa
+  for (int64_t j = 0; j < k; ++j) {
+    fa[j] = ra.data_ptr<acc>()[j] / root_n;
+    fb[j] = rb.data_ptr<acc>()[j] / root_n;
+  }
+  const acc *mpa = ma.data_ptr<acc>(), *mpb = mb.data_ptr<acc>();
+  std::vector<double> sa(k, 0.0), sb(k, 0.0), sab(k, 0.0);  // Σ_r Â_r, Σ_r B̂_r, Σ_r Â_r ⊙ B̂_r
+  parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = c0; j < c1; ++j) {
+        const double x = static_cast<double>((static_cast<acc>(ap[r * k + j]) - mpa[j]) * fa[j]);
+        const double y = static_cast<double>((static_cast<acc>(bp[r * k + j]) - mpb[j]) * fb[j]);
+        sa[j] += x;
+        sb[j] += y;
+        sab[j] += x * y;
+      }
+  });
+  const acc* cp = c.data_ptr<acc>();
+  std::vector<acc> dcoef(k), s1a(k), s2a(k), s1b(k), s2b(k);
+  const double two_l = 2.0 * lambd;
+  for (int64_t j = 0; j < k; ++j) dcoef[j] = static_cast<acc>(2.0 * (1.0 - lambd) * static_cast<acc>(sab[j]) - 2.0);
+  for (int64_t i = 0; i < k; ++i) {
+    double cb = 0.0, cta = 0.0, row_sq = 0.0, col_sq = 0.0;  // (c·ΣB̂)_i, (cᵀ·ΣÂ)_i, Σ_j c_ij², Σ_j c_ji²
+    for (int64_t j = 0; j < k; ++j) {
+      const double cij = cp[i * k + j], cji = cp[j * k + i];
+      cb += cij * sb[j];
+      cta += cji * sa[j];
+      row_sq += cij * cij;
+      col_sq += cji * cji;
+    }
+    s1a[i] = static_cast<acc>(g * (two_l * cb + sb[i] * dcoef[i]) / static_cast<double>(n));
+    s2a[i] = static_cast<acc>(g * (two_l * row_sq + sab[i] * dcoef[i]));
+    s1b[i] = static_cast<acc>(g * (two_l * cta + sa[i] * dcoef[i]) / static_cast<double>(n));
+    s2b[i] = static_cast<acc>(g * (two_l * col_sq + sab[i] * dcoef[i]));
+  }
+  const acc ga = static_cast<acc>(g), tl = static_cast<acc>(two_l);
+  scalar_t *oa = dza.data_ptr<scalar_t>(), *ob = dzb.data_ptr<scalar_t>();
+  const int64_t rows = block_rows(n, k, 3), blocks = (n + rows - 1) / rows;
+  const auto opts = c.options();
+  parallel_for_ops(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor ab = at::empty({rows, k}, opts), bb = at::empty({rows, k}, opts), tb = at::empty({rows, k}, opts);
+    acc *abp = ab.data_ptr<acc>(), *bbp = bb.data_ptr<acc>(), *tbp = tb.data_ptr<acc>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows, m = std::min(rows, n - r0);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          abp[i * k + j] = (static_cast<acc>(ap[(r0 + i) * k + j]) - mpa[j]) * fa[j];
+          bbp[i * k + j] = (static_cast<acc>(bp[(r0 + i) * k + j]) - mpb[j]) * fb[j];
+        }
+      // out = rstd/√N · (d - s1 - self ⊙ s2), d = g·(2λ·t + other ⊙ D), t = p (for a) or q (for b)
+      auto finish = [&](const acc* self, const acc* other, const acc* rs, const std::vector<acc>& s1, const std::vector<acc>& s2,
+                        scalar_t* out) {
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < k; ++j) {
+            const acc d = ga * (tl * tbp[i * k + j] + other[i * k + j] * dcoef[j]);
+            out[(r0 + i) * k + j] = static_cast<scalar_t>(rs[j] / root_n * (d - s1[j] - self[i * k + j] * s2[j]));
+          }
+      };
+      at::Tensor tv = tb.narrow(0, 0, m);
+      at::mm_out(tv, bb.narrow(0, 0, m), c.t());  // p = B̂cᵀ
+      finish(abp, bbp, ra.data_ptr<acc>(), s1a, s2a, oa);
+      at::mm_out(tv, ab.narrow(0, 0, m), c);  // q = Âc
+      finish(bbp, abp, rb.data_ptr<acc>(), s1b, s2b, ob);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> barlow_twins_backward_cpu(const at::Tensor& grad, const at::Tensor& za_in, const at::Tensor& zb_in,
                                                              const at::Tensor& mean_a, const at::Tensor& rstd_a,
                                                              const at::Tensor& mean_b, const at::Tensor& rstd_b,
@@ -353,9 +468,15 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins_backward_cpu(const at::Tensor& g
   auto opts = za.options().dtype(acc_dtype);
   at::Tensor ma = mean_a.to(acc_dtype).contiguous(), ra = rstd_a.to(acc_dtype).contiguous();
   at::Tensor mb = mean_b.to(acc_dtype).contiguous(), rb = rstd_b.to(acc_dtype).contiguous();
-  at::Tensor ah = at::empty({n, k}, opts), bh = at::empty({n, k}, opts);
   at::Tensor dza = at::empty({n, k}, za.options()), dzb = at::empty({n, k}, za.options());
   const double g = grad.to(at::kDouble).item<double>();
+  if (!use_gram(route, n, k, 4.0 * n * n, 3.0 * n * k) && prod_a.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "barlow_twins_backward_cxx", [&] {
+      barlow_backward_blocked<scalar_t>(za, zb, ma, ra, mb, rb, prod_a.to(acc_dtype).contiguous(), lambd, g, dza, dzb);
+    });
+    return {dza, dzb};
+  }
+  at::Tensor ah = at::empty({n, k}, opts), bh = at::empty({n, k}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za.scalar_type(), "barlow_twins_backward_cxx", [&] {
     using acc = acc_t<scalar_t>;
     barlow_normalise<scalar_t>(za, ma, ra, ah, 0.0, true);

@@ -1,21 +1,33 @@
-// Matrix-SSL on the CPU: fused row passes and trace reductions around ATen's BLAS products.
+// Matrix-SSL and matrix cross-entropy on the CPU: the row stages, trace reductions and
+// linear combinations around single-thread BLAS products.
 //
 // Math, gradient and what is saved: see matrix_info_impl.h (and sslops/ops/matrix_info.py).
-// Kernels here:
-//   normalize_centre    one pass over the rows (norm, scale, write acc dtype), then the
-//                       column mean is subtracted: 3 reads+writes of N·K, 4NK flops
+// Parallelism: a few coarse parallel regions, each thread running whole single-thread BLAS
+// calls (BLAS inside a parallel region runs serially), never the BLAS library's own threads,
+// which spin and synchronise inside every call and collapse on a machine whose cores are
+// shared (see CpuDev::gemm). Kernels here:
+//   row_stats           one read of p and z: inverse row norms, column means of the
+//                       normalised rows (double sums per thread, merged in thread order)
+//   centred_rows        rows of W = [p̂ - mean | ẑ - mean] from the statistics
+//   ssl_fwd_cpu         W once (N×2K), then Sp, C, Sz by six row-panel GEMMs in two balanced
+//                       lines (upper half-blocks of Sp and Sz only: 5NK² flops for K ≥ 128)
+//                       written into P, Xu, Xa; W freed before the K×K stage (kk_forward)
+//   ssl_bwd_cpu         the K×K gradients (kk_backward) stacked into one 2K×2K (or 2K×K)
+//                       factor, then blocks of rows, one thread each: centred rows rebuilt,
+//                       one GEMM into a block buffer, normalisation backward into dp/dz
 //   trace_dot(A, B)     Σ_ij A_ij B_ji over 64×64 tiles (B's tile transposed into a local
 //                       buffer, SIMD dots), fp64 across rows: 2K² flops, 2K² reads, no product;
 //                       trace_dot_sym for symmetric B reads both row-major
 //   lincomb             Σ c_i T_i + d·I in one pass (strided operands by 64×64 tiles)
-//   normalize_backward  dx = (g - x̂ (x̂·g)) / ‖x‖ row-wise (g / 1e-12 below the clamp), 5NK flops
-// Matrix cross-entropy (mce_forward/mce_backward in matrix_info_impl.h) reuses trace_dot,
-// trace and lincomb: forward (n-1)·2K³ flops + n trace_dots (2K² each), backward
+// Matrix-SSL per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops,
+// backward 8NK² + 4·2K³ (online branch z alone: 4NK² + 2·2K³). Memory beyond the inputs:
+// forward the N×2K centred rows (freed before the K×K stage) and 3 + (h-1) + (n-1) = 7 saved
+// K×K matrices; backward 2-4 K×K gradient matrices, then the 2K × 2K factor they are stacked
+// into (2K × K for one input), per thread a block of ≤ 128 rows × 4K (≤ 512 KB), and dp, dz.
+// Matrix cross-entropy (mce_forward/mce_backward in matrix_info_impl.h) reuses gemm,
+// trace_dot, trace and lincomb: forward (n-1)·2K³ flops + n trace_dots (2K² each), backward
 // (h-1 + PS products)·2K³ for p and (n-1)·2K³ for q plus ~n²/2 K² lincomb reads; saved
 // X and A_1..A_{n-1} (n K×K matrices).
-// Matrix-SSL per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops (symmetric half-blocks; 6NK² for K < 128), backward
-// 8NK² + 4·2K³ flops (4NK² when only p needs a gradient); memory beyond the inputs: the
-// N×2K centred rows (recomputed, not saved) and 3 + (h-1) + (n-1) = 7 saved K×K matrices.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -25,6 +37,7 @@
 
 #include "matrix_info_impl.h"
 #include "parallel.h"
+#include "parallel_ops.h"
 
 namespace sslops {
 namespace {
@@ -35,60 +48,27 @@ constexpr int64_t kTile = 64;
 // than it saves there); K×K passes from K = 256 up use every thread.
 constexpr int64_t kSerialElements = int64_t(1) << 16;
 
-template <typename acc>
-void normalize_rows(const at::Tensor& x, acc* wp, int64_t ld, acc* colsum, int64_t nthreads_slots) {
-  const int64_t n = x.size(0), k = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "matrix_ssl rows_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      acc* sums = colsum + std::min<int64_t>(at::get_thread_num(), nthreads_slots - 1) * k;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = xp + r * k;
-        acc* out = wp + r * ld;
-        acc ss = 0;
-_Pragma("omp simd reduction(+ : ss)")
-        for (int64_t c = 0; c < k; ++c) {
-          const acc v = static_cast<acc>(row[c]);
-          out[c] = v;
-          ss += v * v;
-        }
-        const acc nrm = std::sqrt(ss);
-        const acc inv = acc(1) / (nrm > acc(kNormEps) ? nrm : acc(kNormEps));
-        for (int64_t c = 0; c < k; ++c) {
-          out[c] *= inv;
-          sums[c] += out[c];
-        }
-      }
-    });
-  });
-}
-
 struct CpuDev {
-  // W = [p̂ - mean | ẑ - mean]: one pass over the rows of both (norm, scale, per-thread
-  // column sums), then one pass subtracting the means.
-  static void rows_forward(const at::Tensor& p_in, const at::Tensor& z_in, at::Tensor& w) {
-    const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
-    const int64_t n = p.size(0), k = p.size(1), ld = w.size(1);
-    const int64_t slots = at::get_num_threads();
-    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "matrix_ssl rows_forward", [&] {
-      using acc = scalar_t;
-      std::vector<acc> colsum(static_cast<size_t>(slots * 2 * k), acc(0));
-      acc* wp = w.data_ptr<acc>();
-      normalize_rows<acc>(p, wp, ld, colsum.data(), slots);
-      normalize_rows<acc>(z, wp + k, ld, colsum.data() + slots * k, slots);
-      std::vector<acc> mean(static_cast<size_t>(2 * k), acc(0));
-      for (int64_t half = 0; half < 2; ++half)
-        for (int64_t t = 0; t < slots; ++t)
-          for (int64_t c = 0; c < k; ++c) mean[half * k + c] += colsum[(half * slots + t) * k + c];
-      for (auto& m : mean) m /= static_cast<acc>(n);
-      at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          acc* out = wp + r * ld;
-          const acc* mp = mean.data();
-_Pragma("omp simd")
-          for (int64_t c = 0; c < 2 * k; ++c) out[c] -= mp[c];
-        }
-      });
+  // out = beta·out + a·b. Rows of out split evenly over the threads, one single-thread BLAS
+  // call each (BLAS called inside a parallel region runs serially): one fork/join per
+  // product instead of the BLAS library's own threading, which spins and synchronises
+  // inside every call and collapses when the cores are shared (measured 2026-11-23 on the
+  // loaded 2-core machine, 8 products 128×1024×512: 316 ms with BLAS threads, 72 ms so).
+  static void gemm(const at::Tensor& out_in, const at::Tensor& a, const at::Tensor& b, double beta) {
+    at::Tensor out = out_in;
+    const int64_t m = out.size(0), threads = at::get_num_threads();
+    if (threads <= 1 || at::in_parallel_region() || m < 64) {
+      at::addmm_out(out, out, a, b, beta, 1.0);
+      return;
+    }
+    const int64_t chunk = (m + threads - 1) / threads;
+    parallel_for_ops(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * chunk, rows = std::min(chunk, m - r0);
+        if (rows <= 0) continue;
+        at::Tensor o = out.narrow(0, r0, rows);
+        at::addmm_out(o, o, a.narrow(0, r0, rows), b, beta, 1.0);
+      }
     });
   }
 
@@ -236,59 +216,255 @@ _Pragma("omp simd")
     });
   }
 
-  // dx = g·(G_row - x̂ (x̂·G_row)) / ‖x‖ (g·G_row / 1e-12 below the clamp), G read at
-  // columns [col0, col0+K) of the row-major acc-dtype buffer `gw`.
-  static at::Tensor rows_backward(const at::Tensor& x_in, const at::Tensor& gw, int64_t col0, const at::Tensor& gscale) {
-    const at::Tensor x = x_in.contiguous();
-    const int64_t n = x.size(0), k = x.size(1), ld = gw.stride(0);
-    TORCH_CHECK(gw.stride(1) == 1, "rows_backward: G must be row-major");
-    at::Tensor dx = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "matrix_ssl rows_backward", [&] {
-      using acc = acc_t<scalar_t>;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      const acc* gp = gw.data_ptr<acc>() + col0;
-      const acc g = gscale.data_ptr<acc>()[0];
-      scalar_t* dp = dx.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = xp + r * k;
-          const acc* grow = gp + r * ld;
-          scalar_t* drow = dp + r * k;
-          acc ss = 0, dot = 0;
-_Pragma("omp simd reduction(+ : ss, dot)")
-          for (int64_t c = 0; c < k; ++c) {
-            const acc v = static_cast<acc>(row[c]);
-            ss += v * v;
-            dot += v * grow[c];
-          }
-          const acc nrm = std::sqrt(ss);
-          if (nrm > acc(kNormEps)) {
-            const acc inv = acc(1) / nrm;
-            const acc proj = dot * inv * inv;  // (x̂·G)/‖x‖
-            const acc gi = g * inv;
-            for (int64_t c = 0; c < k; ++c) drow[c] = static_cast<scalar_t>((grow[c] - static_cast<acc>(row[c]) * proj) * gi);
-          } else {
-            const acc gi = g / acc(kNormEps);
-            for (int64_t c = 0; c < k; ++c) drow[c] = static_cast<scalar_t>(grow[c] * gi);
-          }
-        }
-      });
-    });
-    return dx;
-  }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_cpu(const at::Tensor& p, const at::Tensor& z,
-                                                                                     double lambd, double mu, double gamma,
-                                                                                     int64_t order) {
-  return matrix_info::ssl_forward<CpuDev>(p, z, lambd, mu, gamma, order);
+// ----------------------------------------------------------------------------- Matrix-SSL rows
+
+// Per-row inverse norms 1/max(‖x_r‖, 1e-12) of p and z and the column means of the
+// normalised rows: one pass over both inputs; column sums over spans of 64 rows in the acc
+// dtype, added per thread in double, merged in thread order (the same partition, hence the
+// same means, in the forward and the backward).
+template <typename acc>
+struct RowStats {
+  std::vector<acc> inv;   // [p's N rows | z's N rows]
+  std::vector<acc> mean;  // [p̂'s K columns | ẑ's K columns]
+};
+
+template <typename scalar_t, typename acc>
+RowStats<acc> row_stats(const scalar_t* pp, const scalar_t* zp, int64_t n, int64_t k) {
+  RowStats<acc> st;
+  st.inv.resize(static_cast<size_t>(2 * n));
+  st.mean.assign(static_cast<size_t>(2 * k), acc(0));
+  const int64_t slots = at::get_num_threads();
+  std::vector<double> sums(static_cast<size_t>(slots * 2 * k), 0.0);
+  constexpr int64_t kSpan = 64;  // rows summed in acc (SIMD) before each add into double: error independent of N
+  at::parallel_for(0, n, kSpan, [&](int64_t r0, int64_t r1) {
+    double* s = sums.data() + std::min<int64_t>(at::get_thread_num(), slots - 1) * 2 * k;
+    std::vector<acc> part(static_cast<size_t>(2 * k));
+    for (int64_t s0 = r0; s0 < r1; s0 += kSpan) {
+      std::fill(part.begin(), part.end(), acc(0));
+      for (int64_t r = s0; r < std::min(r1, s0 + kSpan); ++r)
+        for (int64_t half = 0; half < 2; ++half) {
+          const scalar_t* row = (half ? zp : pp) + r * k;
+          acc ss = 0;
+_Pragma("omp simd reduction(+ : ss)")
+          for (int64_t c = 0; c < k; ++c) ss += static_cast<acc>(row[c]) * static_cast<acc>(row[c]);
+          const acc nrm = std::sqrt(ss);
+          const acc inv = acc(1) / (nrm > acc(kNormEps) ? nrm : acc(kNormEps));
+          st.inv[half * n + r] = inv;
+          acc* ph = part.data() + half * k;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < k; ++c) ph[c] += static_cast<acc>(row[c]) * inv;
+        }
+      for (int64_t c = 0; c < 2 * k; ++c) s[c] += static_cast<double>(part[c]);
+    }
+  });
+  std::vector<double> total(static_cast<size_t>(2 * k), 0.0);
+  for (int64_t t = 0; t < slots; ++t)
+    for (int64_t c = 0; c < 2 * k; ++c) total[c] += sums[t * 2 * k + c];
+  for (int64_t c = 0; c < 2 * k; ++c) st.mean[c] = static_cast<acc>(total[c] / static_cast<double>(n));
+  return st;
 }
 
-std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& z,
+// Rows r0..r0+m of W = [p̂ - mean p̂ | ẑ - mean ẑ] into `w` (row stride 2K).
+template <typename scalar_t, typename acc>
+void centred_rows(const scalar_t* pp, const scalar_t* zp, int64_t n, int64_t k, const RowStats<acc>& st, int64_t r0, int64_t m,
+                  acc* w) {
+  for (int64_t r = r0; r < r0 + m; ++r)
+    for (int64_t half = 0; half < 2; ++half) {
+      const scalar_t* row = (half ? zp : pp) + r * k;
+      const acc inv = st.inv[half * n + r];
+      const acc* mean = st.mean.data() + half * k;
+      acc* out = w + (r - r0) * 2 * k + half * k;
+_Pragma("omp simd")
+      for (int64_t c = 0; c < k; ++c) out[c] = static_cast<acc>(row[c]) * inv - mean[c];
+    }
+}
+
+// Row-wise normalisation backward for rows r0..r0+m: dx = (G - x̂ (x̂·G)) / ‖x‖, or G / 1e-12
+// below the clamp (F.normalize's gradient), G read from `g` (row stride ldg, acc dtype).
+template <typename scalar_t, typename acc>
+void normalize_backward_rows(const scalar_t* xp, const acc* g, int64_t ldg, scalar_t* dx, int64_t k, int64_t r0, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const scalar_t* row = xp + (r0 + i) * k;
+    const acc* grow = g + i * ldg;
+    scalar_t* drow = dx + (r0 + i) * k;
+    acc ss = 0, dot = 0;
+_Pragma("omp simd reduction(+ : ss, dot)")
+    for (int64_t c = 0; c < k; ++c) {
+      const acc v = static_cast<acc>(row[c]);
+      ss += v * v;
+      dot += v * grow[c];
+    }
+    const acc nrm = std::sqrt(ss);
+    if (nrm > acc(kNormEps)) {
+      const acc inv = acc(1) / nrm, proj = dot * inv * inv;  // (x̂·G)/‖x‖
+_Pragma("omp simd")
+      for (int64_t c = 0; c < k; ++c) drow[c] = static_cast<scalar_t>((grow[c] - static_cast<acc>(row[c]) * proj) * inv);
+    } else {
+      const acc inv = acc(1) / acc(kNormEps);
+_Pragma("omp simd")
+      for (int64_t c = 0; c < k; ++c) drow[c] = static_cast<scalar_t>(grow[c] * inv);
+    }
+  }
+}
+
+// Column blocks of the covariance GEMMs: halves from K = 128 (the symmetric Sp and Sz skip
+// their lower off-diagonal block), else one block.
+std::vector<int64_t> column_blocks(int64_t k) { return k >= 128 ? std::vector<int64_t>{0, k / 2, k} : std::vector<int64_t>{0, k}; }
+
+// m ← its symmetric completion: blocks below the block diagonal copied from the transposed
+// blocks above it, diagonal blocks replaced by (B + Bᵀ)/2 (exactly symmetric), then
+// diag added on the diagonal. 64×64 tiles, rows of tiles in parallel (each upper element is
+// written by the one tile pair that owns it).
+void symmetric_completion(at::Tensor& m, const std::vector<int64_t>& blocks, double diag) {
+  const int64_t k = m.size(0);
+  const int64_t tiles = (k + kTile - 1) / kTile;
+  std::vector<int64_t> block_of(static_cast<size_t>(k));
+  for (size_t b = 0; b + 1 < blocks.size(); ++b)
+    for (int64_t i = blocks[b]; i < blocks[b + 1]; ++i) block_of[i] = static_cast<int64_t>(b);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "matrix_ssl symmetric_completion", [&] {
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    const scalar_t d = static_cast<scalar_t>(diag);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t ti = t0; ti < t1; ++ti)
+        for (int64_t tj = 0; tj <= ti; ++tj)
+          for (int64_t i = ti * kTile; i < std::min(k, (ti + 1) * kTile); ++i)
+            for (int64_t j = tj * kTile; j < std::min({k, (tj + 1) * kTile, i}); ++j) {
+              scalar_t& lower = mp[i * k + j];
+              scalar_t& upper = mp[j * k + i];
+              if (block_of[i] != block_of[j]) {
+                lower = upper;
+              } else {
+                const scalar_t v = (lower + upper) / scalar_t(2);
+                lower = upper = v;
+              }
+            }
+      for (int64_t i = t0 * kTile; i < std::min(k, t1 * kTile); ++i) mp[i * k + i] += d;
+    });
+  });
+}
+
+// Forward, CPU: the row statistics, W = [pc | zc] once (N × 2K), then the three covariances
+// (the upper half-blocks of the symmetric Sp and Sz only: 5NK² flops for K ≥ 128 instead of
+// 6NK²) written straight into P, Xu, Xa; W is freed before the K×K stage.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_cpu(const at::Tensor& p_in, const at::Tensor& z_in,
+                                                                                     double lambd, double mu, double gamma,
+                                                                                     int64_t order) {
+  TORCH_CHECK(p_in.dim() == 2 && p_in.sizes() == z_in.sizes(), "matrix_ssl_fwd_cxx: p and z must be (N, K) of one shape");
+  TORCH_CHECK(p_in.scalar_type() == z_in.scalar_type(), "matrix_ssl_fwd_cxx: p and z must have one dtype");
+  TORCH_CHECK(order >= 1, "matrix_ssl_fwd_cxx: order must be >= 1");
+  const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
+  const int64_t n = p.size(0), k = p.size(1);
+  const auto opt = p.options().dtype(p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor w = at::empty({n, 2 * k}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "matrix_ssl rows_forward", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t *pp = p.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    const RowStats<acc> st = row_stats<scalar_t, acc>(pp, zp, n, k);
+    acc* wp = w.data_ptr<acc>();
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) { centred_rows<scalar_t, acc>(pp, zp, n, k, st, r0, r1 - r0, wp + r0 * 2 * k); });
+  });
+  at::Tensor xu = at::empty({k, k}, opt), pa = at::empty({k, k}, opt), xa = at::empty({k, k}, opt);
+  {
+    // With halves 1, 2 of the columns, six GEMMs of inner dimension N (row panels with long
+    // rows: BLAS runs them near its peak, unlike small square blocks), 5NK² flops in all:
+    //   p1ᵀp → P rows 1 (2·(K/2)·N·K), p1ᵀz → Xu rows 1, z2ᵀz2 → Xa block (2,2)     2.5NK²
+    //   p2ᵀp2 → P block (2,2), p2ᵀz → Xu rows 2, z1ᵀz → Xa rows 1                   2.5NK²
+    // On two threads each takes one line (one fork/join, single-thread BLAS); otherwise they
+    // run in turn, each on BLAS's own threads.
+    const std::vector<int64_t> bl = column_blocks(k);
+    struct Task {
+      at::Tensor dst, a, b;
+    };
+    auto cols = [&](int64_t off, int64_t i) { return w.narrow(1, off + bl[i], bl[i + 1] - bl[i]); };
+    auto rows = [&](at::Tensor& m, int64_t i) { return m.narrow(0, bl[i], bl[i + 1] - bl[i]); };
+    const at::Tensor pc = w.narrow(1, 0, k), zc = w.narrow(1, k, k);
+    std::vector<Task> tasks;
+    if (bl.size() == 3) {
+      tasks = {{rows(pa, 0), cols(0, 0), pc}, {rows(xu, 0), cols(0, 0), zc}, {rows(xa, 1).narrow(1, bl[1], k - bl[1]), cols(k, 1), cols(k, 1)},
+               {rows(pa, 1).narrow(1, bl[1], k - bl[1]), cols(0, 1), cols(0, 1)}, {rows(xu, 1), cols(0, 1), zc}, {rows(xa, 0), cols(k, 0), zc}};
+    } else {
+      tasks = {{pa, pc, pc}, {xu, pc, zc}, {xa, zc, zc}};
+    }
+    const double inv_n = 1.0 / static_cast<double>(n);
+    auto run = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) at::addmm_out(tasks[t].dst, tasks[t].dst, tasks[t].a.t(), tasks[t].b, /*beta=*/0, /*alpha=*/inv_n);
+    };
+    const int64_t ntasks = static_cast<int64_t>(tasks.size());
+    if (at::get_num_threads() == 2 && ntasks == 6) {
+      parallel_for_ops(0, ntasks, 1, run);
+    } else {
+      run(0, ntasks);
+    }
+    tasks.clear();
+    w.reset();
+    symmetric_completion(pa, bl, mu);
+    symmetric_completion(xa, bl, mu - 1.0);
+    xu.diagonal().add_(mu - 1.0);
+  }
+  at::Tensor saved = at::empty({matrix_info::saved_count(order), k, k}, opt);
+  at::Tensor loss = matrix_info::kk_forward<CpuDev>(xu, pa, xa, saved, lambd, gamma, order);
+  return {loss, xu, pa, xa, saved};
+}
+
+// Backward, CPU. The K×K gradients (matrix_info::kk_backward), scaled and stacked into one
+// right factor M (su = -λg/N, sa = -2γg/N; one column half per input that needs a gradient):
+//   [dpc | dzc] = [pc | zc] · M,   M = [[sa·f, su·qᵀ], [su·q, sa·(R + Rᵀ)]]   (2K × 2K, or 2K × K)
+// then one parallel pass over blocks of rows, each block on one thread: its centred rows
+// rebuilt from the row statistics (recomputed: one read of p and z), one single-thread GEMM
+// of inner dimension 2K into a block buffer, and the normalisation backward written straight
+// into dp, dz. No N×2K buffer and no synchronisation between the blocks.
+std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at::Tensor& p_in, const at::Tensor& z_in,
                                                const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa,
                                                const at::Tensor& saved, double lambd, double mu, double gamma, int64_t order,
                                                bool need_p, bool need_z) {
-  return matrix_info::ssl_backward<CpuDev>(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p, need_z);
+  const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
+  const int64_t n = p.size(0), k = p.size(1);
+  const auto out_opt = p.options().memory_format(at::MemoryFormat::Contiguous);
+  // a gradient nobody asked for is an empty (0,) tensor, not N×K zeros (the op's contract)
+  at::Tensor dp = at::empty(need_p ? p.sizes() : at::IntArrayRef{0}, out_opt);
+  at::Tensor dz = at::empty(need_z ? z.sizes() : at::IntArrayRef{0}, out_opt);
+  if (!need_p && !need_z) return {dp, dz};
+  const double g = grad.to(at::kDouble).item<double>();  // a CPU scalar: no device sync
+  const auto opt = xu.options();
+  at::Tensor right = at::empty({2 * k, (need_p && need_z ? 2 : 1) * k}, opt);
+  {
+    matrix_info::KKGrads kk = matrix_info::kk_backward<CpuDev>(xu, pa, xa, saved, order, need_p, need_z);
+    const double su = -lambd * g / static_cast<double>(n), sa = -2.0 * gamma * g / static_cast<double>(n);
+    int64_t col = 0;
+    if (need_p) {
+      CpuDev::lincomb(right.narrow(0, 0, k).narrow(1, col, k), {{sa, kk.f}}, 0.0);
+      CpuDev::lincomb(right.narrow(0, k, k).narrow(1, col, k), {{su, kk.q}}, 0.0);
+      col += k;
+    }
+    if (need_z) {
+      CpuDev::lincomb(right.narrow(0, 0, k).narrow(1, col, k), {{su, kk.q.t()}}, 0.0);
+      CpuDev::lincomb(right.narrow(0, k, k).narrow(1, col, k), {{sa, kk.r}, {sa, kk.r.t()}}, 0.0);
+    }
+  }  // f, q, R freed: M holds all the backward needs
+  const int64_t width = right.size(1);
+  // rows per block: at most N/8 and 128, buffers (rows × (2K + width) fp32) within 512 KB per thread; at least 16
+  const int64_t rows = std::max<int64_t>(16, std::min<int64_t>({128, n / 8, 131072 / std::max<int64_t>(1, 2 * k + width)}));
+  const int64_t blocks = (n + rows - 1) / rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "matrix_ssl rows_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t *pp = p.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    const RowStats<acc> st = row_stats<scalar_t, acc>(pp, zp, n, k);
+    parallel_for_ops(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor wb = at::empty({rows, 2 * k}, opt), gb = at::empty({rows, width}, opt);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * rows, m = std::min(rows, n - r0);
+        at::Tensor gv = gb.narrow(0, 0, m);
+        centred_rows<scalar_t, acc>(pp, zp, n, k, st, r0, m, wb.data_ptr<acc>());
+        at::mm_out(gv, wb.narrow(0, 0, m), right);
+        const acc* gp = gb.data_ptr<acc>();
+        if (need_p) normalize_backward_rows<scalar_t, acc>(pp, gp, width, dp.data_ptr<scalar_t>(), k, r0, m);
+        if (need_z) normalize_backward_rows<scalar_t, acc>(zp, gp + (need_p ? k : 0), width, dz.data_ptr<scalar_t>(), k, r0, m);
+      }
+    });
+  });
+  return {dp, dz};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_fwd_cpu(const at::Tensor& p, const at::Tensor& q, int64_t order) {

@@ -1,17 +1,17 @@
-// Matrix-SSL forward and backward, device-generic orchestration (shared by
-// csrc/cpu/matrix_info.cpp and csrc/cuda/matrix_info.cu).
+// Matrix-SSL and matrix cross-entropy: the K×K stages shared by every device
+// (csrc/cpu/matrix_info.cpp, csrc/cuda/matrix_info.cu), and the full-buffer row stages the
+// CUDA kernels use (the CPU has its own, blocked over rows, in matrix_info.cpp).
 //
-// The K×K products go through at::mm (MKL/OpenBLAS on the CPU, cuBLAS on the GPU); the
-// row passes and the trace reductions are the device's own fused kernels, supplied by the
-// template parameter `Dev`:
+// The device supplies, through the template parameter `Dev`:
 //
-//   Dev::rows_forward(p, z, W)          W = [p̂ - mean p̂ | ẑ - mean ẑ] (acc dtype), x̂ = x/max(‖x_n‖, 1e-12)
+//   Dev::gemm(out, A, B, beta)          out = beta·out + A·B (BLAS; A, B any strided views)
 //   Dev::trace_dot(A, B), Dev::trace(A) Σ_ij A_ij B_ji = tr(A·B) without forming A·B; tr A
 //   Dev::trace_dot_sym(A, B)            Σ_ij A_ij B_ij (= tr(A·B) for symmetric B), contiguous reads
 //   Dev::lincomb(out, terms, d)         out = Σ c_i T_i + d·I in one pass (T_i any strided view)
-//   Dev::rows_backward(x, G, col0, g)   dL/dx = g·(row-wise normalisation backward of G[:, col0:])
+//   Dev::rows_forward(p, z, W)          (full-buffer route) W = [p̂ - mean p̂ | ẑ - mean ẑ], x̂ = x/max(‖x_n‖, 1e-12)
+//   Dev::rows_backward(x, G, col0, g)   (full-buffer route) g·(row-wise normalisation backward of G[:, col0:])
 //
-// Math (SPEC §4; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
+// Math (README "Use", arXiv 2305.17326; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
 //   pc, zc = centred normalised rows;  C = pcᵀzc/N, Sp = pcᵀpc/N, Sz = zcᵀzc/N
 //   Xu = C + (μ-1)I,  P = Sp + μI,  Xa = Sz + (μ-1)I
 //   U = -λ Σ_k c_k tr(Xu^k),      tr(Xu^k) = tr(Xu^a Xu^b), a = ceil(k/2), b = k - a
@@ -22,16 +22,15 @@
 //   dA/dP  = -f(Xa),     f(X) = Σ_k c_k X^k                (Xa, P symmetric)
 //   dA/dXa = -Σ_k c_k Σ_{j+l=k-1} X^j P X^l = -(R + Rᵀ),  R = Σ_{j≤(n-1)/2} Xa^j D_j,
 //            D_j = ½c_{2j+1} A_j + Σ_{l=j+1}^{n-1-j} c_{j+l+1} A_l       (Horner in Xa)
-//   [dpc | dzc] = [pc | zc] · [[2 dSp, dC], [dCᵀ, 2 dSz]] / N     (one N×2K×K GEMM per input)
+//   [dpc | dzc] = [pc | zc] · [[2 dSp, dC], [dCᵀ, 2 dSz]] / N
 //   dp = (dp̂ - p̂ (p̂·dp̂)) / ‖p‖ row-wise (dp̂ = dpc: J is the identity on centred columns)
 //
-// Saved by the forward: Xu, P, Xa (Sp, Sz symmetrised) and the products it made
-// (Xu^2..Xu^h, A_1..A_{n-1}); rows are recomputed in the backward. Scalings by 1/N ride on
-// the GEMMs' alpha and Horner additions on their beta, so besides the GEMMs the CPU does a
-// handful of fused passes (few parallel regions: they are costly on a busy machine).
-// Products, order 4: forward 1 + 3, backward 1 (Xa²) + 1 (f) + 1 (R) + 1 (q) = 8 K×K
-// products in all (7 when only p needs a gradient, the common case of a stop-gradient target);
-// GEMMs 5NK² forward (6NK² for K < 128), 8NK² backward (4NK² when only p needs a gradient).
+// Saved by the forward: Xu, P, Xa (Sp, Sz exactly symmetric) and the products it made
+// (Xu^2..Xu^h, A_1..A_{n-1}); rows are recomputed in the backward. K×K products, order 4:
+// forward 1 (Xu²) + 3 (chain); backward 1 (q) always, + 2 (Xa², f) when p needs a
+// gradient, + 1 (R) when z does: 8 in all with both, 6 for the online branch z alone (the
+// training case: p is a detached teacher output). GEMMs N×K×K: forward 5NK² (half-block
+// symmetric Sp, Sz; 6NK² for K < 128), backward 4NK² per input that needs a gradient.
 #pragma once
 #include <torch/extension.h>
 
@@ -61,6 +60,14 @@ at::Tensor combine(const std::vector<Term>& terms, double diag, int64_t k, const
   return out;
 }
 
+// A new K×K matrix a·b (Dev::gemm: out = beta·out + a·b, any strided a, b).
+template <class Dev>
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  Dev::gemm(out, a, b, 0.0);
+  return out;
+}
+
 // Σ_{i=0}^{d} a_i X^i given pw = [X^1, ..., X^h] (X^0 = I implicit): blocks of h
 // coefficients combined by Horner's rule in X^h (Paterson–Stockmeyer); each Horner step
 // is one GEMM with beta = 1 (block + X^h·acc), no separate addition pass.
@@ -85,12 +92,90 @@ at::Tensor poly(const std::vector<at::Tensor>& pw, const std::vector<double>& a)
   } else {
     acc = block(b * h, 0.0);
   }
-  for (--b; b >= 0; --b) acc = block(b * h, 0.0).addmm_(pw[h - 1], acc);  // in place: no copy of the block
+  for (--b; b >= 0; --b) {  // in place: no copy of the block
+    at::Tensor next = block(b * h, 0.0);
+    Dev::gemm(next, pw[h - 1], acc, 1.0);
+    acc = next;
+  }
   return acc;
 }
 
-// Forward. Returns (loss, Xu, P, Xa, saved) with Xu = C + (μ-1)I, P = Sp + μI,
-// Xa = Sz + (μ-1)I (Sp, Sz exactly symmetric), saved = [Xu^2..Xu^h, P·Xa^1..P·Xa^{n-1}].
+// K×K stage of the forward, shared by every device: the loss from Xu, P, Xa, and the
+// products it makes written into `saved` = [Xu^2..Xu^h, A_1..A_{n-1}] (A_j = P·Xa^j).
+template <class Dev>
+at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa, const at::Tensor& saved, double lambd,
+                      double gamma, int64_t order) {
+  const int64_t h = half_order(order);
+  std::vector<at::Tensor> pu{xu};
+  for (int64_t i = 2; i <= h; ++i) {
+    at::Tensor dst = saved[i - 2];
+    Dev::gemm(dst, pu.back(), xu, 0.0);
+    pu.push_back(dst);
+  }
+  at::Tensor loss = at::zeros({}, xu.options());
+  for (int64_t kk = 1; kk <= order; ++kk) {
+    const int64_t a = (kk + 1) / 2, b = kk - a;
+    at::Tensor t = b == 0 ? Dev::trace(pu[a - 1]) : Dev::trace_dot(pu[a - 1], pu[b - 1]);
+    loss.add_(t, -lambd * taylor_coeff(kk));
+  }
+  at::Tensor prev = pa;
+  for (int64_t kk = 1; kk <= order; ++kk) {
+    if (kk > 1) {
+      at::Tensor dst = saved[h - 1 + kk - 2];
+      Dev::gemm(dst, prev, xa, 0.0);
+      prev = dst;
+    }
+    loss.add_(Dev::trace_dot_sym(prev, xa), -gamma * taylor_coeff(kk));  // Xa symmetric: Σ A_ij Xa_ij
+  }
+  return loss;
+}
+
+// K×K stage of the backward, shared by every device: per unit of incoming gradient,
+// dU/dXu = -λ·qᵀ, dA/dP = -f and dA/dXa = -(R + Rᵀ) (q always; f when p needs a gradient,
+// R when z does; the others undefined). Unscaled: each caller folds -λ, -2γ, 1/N and the
+// incoming gradient into its own next pass.
+struct KKGrads {
+  at::Tensor q, f, r;
+};
+
+template <class Dev>
+KKGrads kk_backward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa, const at::Tensor& saved, int64_t order,
+                    bool need_p, bool need_z) {
+  const int64_t k = xu.size(0), h = half_order(order);
+  KKGrads out;
+  // q(Xu) = Σ_{j<n} (-1)^j Xu^j
+  std::vector<at::Tensor> pu{xu};
+  for (int64_t i = 2; i <= h; ++i) pu.push_back(saved[i - 2]);
+  std::vector<double> qa(order);
+  for (int64_t j = 0; j < order; ++j) qa[j] = (j % 2 ? -1.0 : 1.0);
+  out.q = poly<Dev>(pu, qa);
+  // f(Xa) = Σ_k c_k Xa^k (symmetric)
+  if (need_p) {
+    std::vector<at::Tensor> pa_pw{xa};
+    for (int64_t i = 2; i <= h; ++i) pa_pw.push_back(product<Dev>(pa_pw.back(), xa));
+    std::vector<double> fa(order + 1, 0.0);
+    for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = taylor_coeff(kk);
+    out.f = poly<Dev>(pa_pw, fa);
+  }
+  // R = Σ_j Xa^j D_j (Horner: one GEMM with beta = 1 per step)
+  if (need_z) {
+    std::vector<at::Tensor> chain{pa};
+    for (int64_t l = 1; l < order; ++l) chain.push_back(saved[h - 1 + l - 1]);
+    const int64_t jmax = (order - 1) / 2;
+    for (int64_t j = jmax; j >= 0; --j) {
+      std::vector<Term> terms{{0.5 * taylor_coeff(2 * j + 1), chain[j]}};
+      for (int64_t l = j + 1; l <= order - 1 - j; ++l) terms.push_back({taylor_coeff(j + l + 1), chain[l]});
+      at::Tensor dj = combine<Dev>(terms, 0.0, k, xu.options());
+      if (j < jmax) Dev::gemm(dj, xa, out.r, 1.0);
+      out.r = dj;
+    }
+  }
+  return out;
+}
+
+// Forward on a full centred-row buffer (the CUDA kernels' route; the CPU has its own row
+// stage in matrix_info.cpp). Returns (loss, Xu, P, Xa, saved) with Xu = C + (μ-1)I,
+// P = Sp + μI, Xa = Sz + (μ-1)I (Sp, Sz exactly symmetric), saved = [Xu^2..Xu^h, P·Xa^1..P·Xa^{n-1}].
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_forward(const at::Tensor& p, const at::Tensor& z,
                                                                                      double lambd, double mu, double gamma,
@@ -102,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_forwa
   const auto opt = p.options().dtype(acc);
   at::Tensor w = at::empty({n, 2 * k}, opt);
   Dev::rows_forward(p, z, w);
-  const at::Tensor pc = w.narrow(1, 0, k), zc = w.narrow(1, k, k);
+  at::Tensor pc = w.narrow(1, 0, k), zc = w.narrow(1, k, k);
   const double inv_n = 1.0 / static_cast<double>(n);
   at::Tensor both = at::empty({k, 2 * k}, opt);  // [Sp | C]
   at::Tensor szr = at::empty({k, k}, opt);
@@ -123,37 +208,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_forwa
     at::addmm_out(both, both, pc.t(), w, /*beta=*/0, /*alpha=*/inv_n);
     at::addmm_out(szr, szr, zc.t(), zc, /*beta=*/0, /*alpha=*/inv_n);
   }
-  const at::Tensor sp_view = both.narrow(1, 0, k);
+  w.reset(), pc.reset(), zc.reset();  // the centred rows are recomputed in the backward
   const at::Tensor xu = combine<Dev>({{1.0, both.narrow(1, k, k)}}, mu - 1.0, k, opt);
-  const at::Tensor pa = combine<Dev>({{0.5, sp_view}, {0.5, sp_view.t()}}, mu, k, opt);
+  const at::Tensor pa = combine<Dev>({{0.5, both.narrow(1, 0, k)}, {0.5, both.narrow(1, 0, k).t()}}, mu, k, opt);
   const at::Tensor xa = combine<Dev>({{0.5, szr}, {0.5, szr.t()}}, mu - 1.0, k, opt);
-
-  const int64_t h = half_order(order);
+  both.reset(), szr.reset();
   at::Tensor saved = at::empty({saved_count(order), k, k}, opt);
-  std::vector<at::Tensor> pu{xu};
-  for (int64_t i = 2; i <= h; ++i) {
-    at::Tensor dst = saved[i - 2];
-    at::mm_out(dst, pu.back(), xu);
-    pu.push_back(dst);
-  }
-  at::Tensor loss = at::zeros({}, opt);
-  for (int64_t kk = 1; kk <= order; ++kk) {
-    const int64_t a = (kk + 1) / 2, b = kk - a;
-    at::Tensor t = b == 0 ? Dev::trace(pu[a - 1]) : Dev::trace_dot(pu[a - 1], pu[b - 1]);
-    loss.add_(t, -lambd * taylor_coeff(kk));
-  }
-  at::Tensor prev = pa;
-  for (int64_t kk = 1; kk <= order; ++kk) {
-    if (kk > 1) {
-      at::Tensor dst = saved[h - 1 + kk - 2];
-      at::mm_out(dst, prev, xa);
-      prev = dst;
-    }
-    loss.add_(Dev::trace_dot_sym(prev, xa), -gamma * taylor_coeff(kk));  // Xa symmetric: Σ A_ij Xa_ij
-  }
+  at::Tensor loss = kk_forward<Dev>(xu, pa, xa, saved, lambd, gamma, order);
   return {loss, xu, pa, xa, saved};
 }
 
+// Backward on full buffers (the CUDA kernels' route; see matrix_info.cpp for the CPU's).
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& z,
                                                 const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa,
@@ -162,40 +227,9 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
   const int64_t n = p.size(0), k = p.size(1);
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opt = p.options().dtype(acc);
-  const int64_t h = half_order(order);
-  if (!need_p && !need_z) return {at::zeros_like(p), at::zeros_like(z)};
+  if (!need_p && !need_z) return {at::empty({0}, p.options()), at::empty({0}, z.options())};
   const at::Tensor g = grad.to(acc).reshape({1}).contiguous();
-
-  // dU/dXu = -λ q(Xu)ᵀ
-  std::vector<at::Tensor> pu{xu};
-  for (int64_t i = 2; i <= h; ++i) pu.push_back(saved[i - 2]);
-  std::vector<double> qa(order);
-  for (int64_t j = 0; j < order; ++j) qa[j] = (j % 2 ? -1.0 : 1.0);
-  const at::Tensor q = poly<Dev>(pu, qa);
-
-  // dA/dP = -f(Xa) (symmetric; only p's gradient needs it)
-  at::Tensor f;
-  if (need_p) {
-    std::vector<at::Tensor> pa_pw{xa};
-    for (int64_t i = 2; i <= h; ++i) pa_pw.push_back(at::mm(pa_pw.back(), xa));
-    std::vector<double> fa(order + 1, 0.0);
-    for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = taylor_coeff(kk);
-    f = poly<Dev>(pa_pw, fa);
-  }
-
-  // dA/dXa = -(R + Rᵀ), R = Σ_j Xa^j D_j (Horner: one GEMM with beta = 1 per step; z only)
-  at::Tensor r;
-  if (need_z) {
-    std::vector<at::Tensor> chain{pa};
-    for (int64_t l = 1; l < order; ++l) chain.push_back(saved[h - 1 + l - 1]);
-    const int64_t jmax = (order - 1) / 2;
-    for (int64_t j = jmax; j >= 0; --j) {
-      std::vector<Term> terms{{0.5 * taylor_coeff(2 * j + 1), chain[j]}};
-      for (int64_t l = j + 1; l <= order - 1 - j; ++l) terms.push_back({taylor_coeff(j + l + 1), chain[l]});
-      at::Tensor dj = combine<Dev>(terms, 0.0, k, opt);
-      r = j == jmax ? dj : dj.addmm_(xa, r);
-    }
-  }
+  const KKGrads kk = kk_backward<Dev>(xu, pa, xa, saved, order, need_p, need_z);
 
   // [dpc | dzc] = g·[pc | zc]·[[2 dSp, dC], [dCᵀ, 2 dSz]] / N, one GEMM with inner
   // dimension 2K per input that needs a gradient (the 2K×K right factor stacked by two
@@ -208,20 +242,20 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
   at::Tensor right = at::empty({2 * k, k}, opt);
   at::Tensor gx = at::empty({n, k}, opt);
   if (need_p) {
-    Dev::lincomb(right.narrow(0, 0, k), {{-2.0 * gamma * inv_n, f}}, 0.0);
-    Dev::lincomb(right.narrow(0, k, k), {{-lambd * inv_n, q}}, 0.0);
+    Dev::lincomb(right.narrow(0, 0, k), {{-2.0 * gamma * inv_n, kk.f}}, 0.0);
+    Dev::lincomb(right.narrow(0, k, k), {{-lambd * inv_n, kk.q}}, 0.0);
     at::mm_out(gx, w, right);
     gp = Dev::rows_backward(p, gx, 0, g);
   } else {
-    gp = at::zeros_like(p);
+    gp = at::empty({0}, p.options());  // not asked for: not allocated
   }
   if (need_z) {
-    Dev::lincomb(right.narrow(0, 0, k), {{-lambd * inv_n, q.t()}}, 0.0);
-    Dev::lincomb(right.narrow(0, k, k), {{-2.0 * gamma * inv_n, r}, {-2.0 * gamma * inv_n, r.t()}}, 0.0);
+    Dev::lincomb(right.narrow(0, 0, k), {{-lambd * inv_n, kk.q.t()}}, 0.0);
+    Dev::lincomb(right.narrow(0, k, k), {{-2.0 * gamma * inv_n, kk.r}, {-2.0 * gamma * inv_n, kk.r.t()}}, 0.0);
     at::mm_out(gx, w, right);
     gz = Dev::rows_backward(z, gx, 0, g);
   } else {
-    gz = at::zeros_like(z);
+    gz = at::empty({0}, z.options());
   }
   return {gp, gz};
 }
@@ -257,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_forward(const at::Tensor& p, 
   for (int64_t kk = 1; kk <= order; ++kk) {
     if (kk > 1) {
       at::Tensor dst = saved[kk - 2];
-      at::mm_out(dst, prev, x);
+      Dev::gemm(dst, prev, x, 0.0);
       prev = dst;
     }
     loss.add_(Dev::trace_dot(prev, x), -taylor_coeff(kk));
@@ -287,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> mce_backward(const at::Tensor& grad, const at
   if (need_p) {  // -f(X)ᵀ = -f(Xᵀ): the polynomial evaluated on transposed views comes out transposed
     const int64_t h = half_order(order);
     std::vector<at::Tensor> pw{x};
-    for (int64_t i = 2; i <= h; ++i) pw.push_back(at::mm(pw.back(), x));
+    for (int64_t i = 2; i <= h; ++i) pw.push_back(product<Dev>(pw.back(), x));
     for (auto& t : pw) t = t.t();
     std::vector<double> fa(order + 1, 0.0);
     for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = -taylor_coeff(kk);
@@ -304,15 +338,20 @@ std::tuple<at::Tensor, at::Tensor> mce_backward(const at::Tensor& grad, const at
       for (int64_t j = 0; j <= order - 1 - m; ++j) terms.push_back({-taylor_coeff(m + j + 1), chain[j]});
       return terms;
     };
-    at::Tensor r;
+    // two K×K buffers in turn: each step writes D̃_m into the one r does not hold
+    at::Tensor r, spare;
     for (int64_t m = order - 1; m >= 1; --m) {
-      at::Tensor dm = combine<Dev>(block(m), 0.0, k, opt);
-      r = m == order - 1 ? dm : dm.addmm_(x, r);
+      at::Tensor dm = spare.defined() ? spare : at::empty({k, k}, opt);
+      Dev::lincomb(dm, block(m), 0.0);
+      if (m < order - 1) Dev::gemm(dm, x, r, 1.0);
+      spare = r;
+      r = dm;
     }
     // the last step written transposed, (D̃_0 + I + X·r)ᵀ = (D̃_0 + I)ᵀ + rᵀXᵀ: the result is -Gᵀ + I, contiguous
-    at::Tensor gt = at::empty({k, k}, opt);
+    at::Tensor gt = spare.defined() ? spare : at::empty({k, k}, opt);
+    spare.reset();
     Dev::lincomb(gt.t(), block(0), 1.0);
-    if (order > 1) gt.addmm_(r.t(), x.t());
+    if (order > 1) Dev::gemm(gt, r.t(), x.t(), 1.0);
     dq = scaled(gt);
   } else {
     dq = at::zeros({k, k}, out_opt);

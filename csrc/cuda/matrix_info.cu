@@ -129,6 +129,11 @@ struct CudaDev {
     w.sub_(w.mean(0, /*keepdim=*/true));
   }
 
+  static void gemm(const at::Tensor& out_in, const at::Tensor& a, const at::Tensor& b, double beta) {
+    at::Tensor out = out_in;
+    at::addmm_out(out, out, a, b, beta, 1.0);  // out = beta·out + a·b (cuBLAS)
+  }
+
   static at::Tensor trace(const at::Tensor& a) { return a.diagonal().sum(); }
 
   static at::Tensor trace_dot_sym(const at::Tensor& a, const at::Tensor& b) { return trace_dot(a, b); }

@@ -26,8 +26,9 @@ Ops:
   (loss, Xu, P, Xa, saved): loss fp32 (fp64 for fp64); X_u, P, X_a as above (Sp, Sz
   symmetrised), and the products the forward made, stacked ((h-1)+(n-1), K, K), h = ⌈n/2⌉, all saved
   for the backward (small: K×K, while the N×K normalised rows are recomputed).
-* ``sslops::matrix_info_ssl_backward(grad, p, z, Xu, P, Xa, saved, ...)`` → (dp, dz) in the
-  inputs' dtype.
+* ``sslops::matrix_info_ssl_backward(grad, p, z, Xu, P, Xa, saved, ..., need_p, need_z)`` →
+  (dp, dz) in the inputs' dtype; a gradient that is not needed comes back as an empty (0,)
+  tensor (no N×K of zeros: in training only z needs one).
 
 Matrix cross-entropy (:func:`sslops.matrix_cross_entropy`, ``method="taylor"``), P and Q
 general K×K, X = Q - I:
@@ -121,7 +122,10 @@ def _ssl_backward(
 
 @_ssl_backward.register_fake
 def _(grad, p, z, xu, pa, xa, saved, lambd, mu, gamma, order, need_p, need_z, backend):
-    return torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(z, memory_format=torch.contiguous_format)
+    def grad_of(x, needed):  # a gradient nobody asked for is an empty (0,) tensor: no N×K of zeros
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+    return grad_of(p, need_p), grad_of(z, need_z)
 
 
 def _setup_context(ctx, inputs, output):
