@@ -89,14 +89,16 @@ def test_cpu_noncontiguous_and_mu():
 
 
 @needs_cpu
-def test_cpu_only_one_input_needs_grad():
-    p, z = randn(40, 9, seed=1), randn(40, 9, seed=2)
-    ref, rgp, rgz = _reference(p, z, 1.0)
+@pytest.mark.parametrize("n,k,order", [(40, 9, 4), (257, 129, 4), (131, 130, 5)])
+def test_cpu_only_one_input_needs_grad(n, k, order):
+    # K >= 128: the symmetric-product path of the backward (half blocks) and the transposed q
+    p, z = randn(n, k, seed=1), randn(n, k, seed=2) + 0.5 * randn(n, k, seed=1)
+    ref, rgp, rgz = _reference(p, z, 1.0, order=order)
     pr = p.clone().requires_grad_()
-    (gp,) = torch.autograd.grad(sslops.matrix_ssl_loss(pr, z, backend="cpu"), (pr,))
+    (gp,) = torch.autograd.grad(sslops.matrix_ssl_loss(pr, z, order=order, backend="cpu"), (pr,))
     assert_close(gp, rgp, torch.float32, "grad p alone", scale=10)
     zr = z.clone().requires_grad_()
-    (gz,) = torch.autograd.grad(sslops.matrix_ssl_loss(p, zr, backend="cpu"), (zr,))
+    (gz,) = torch.autograd.grad(sslops.matrix_ssl_loss(p, zr, order=order, backend="cpu"), (zr,))
     assert_close(gz, rgz, torch.float32, "grad z alone", scale=10)
 
 

@@ -5,6 +5,7 @@
 // The device supplies, through the template parameter `Dev`:
 //
 //   Dev::gemm(out, A, B, beta)          out = beta·out + A·B (BLAS; A, B any strided views)
+//   Dev::gemm_sym(out, A, B, beta)      the same when out and A·B are symmetric (may skip half a block)
 //   Dev::trace_dot(A, B), Dev::trace(A) Σ_ij A_ij B_ji = tr(A·B) without forming A·B; tr A
 //   Dev::trace_dot_sym(A, B)            Σ_ij A_ij B_ij (= tr(A·B) for symmetric B), contiguous reads
 //   Dev::lincomb(out, terms, d)         out = Σ c_i T_i + d·I in one pass (T_i any strided view)
@@ -70,31 +71,40 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
 
 // Σ_{i=0}^{d} a_i X^i given pw = [X^1, ..., X^h] (X^0 = I implicit): blocks of h
 // coefficients combined by Horner's rule in X^h (Paterson–Stockmeyer); each Horner step
-// is one GEMM with beta = 1 (block + X^h·acc), no separate addition pass.
+// is one GEMM with beta = 1 (block + X^h·acc), no separate addition pass. `out`: a K×K view
+// the result is written into (undefined: a new matrix). `symmetric`: X is symmetric, so every
+// Horner product is too (Dev::gemm_sym may skip half a block).
 template <class Dev>
-at::Tensor poly(const std::vector<at::Tensor>& pw, const std::vector<double>& a) {
+at::Tensor poly(const std::vector<at::Tensor>& pw, const std::vector<double>& a, const at::Tensor& out = at::Tensor(),
+                bool symmetric = false) {
   const int64_t h = static_cast<int64_t>(pw.size());
   const int64_t d = static_cast<int64_t>(a.size()) - 1;
   const int64_t k = pw[0].size(0);
-  auto block = [&](int64_t start, double extra_h) {
+  auto block = [&](int64_t start, double extra_h, bool last) {
     std::vector<Term> terms;
     for (int64_t r = 1; r < h && start + r <= d; ++r)
       if (a[start + r] != 0.0) terms.push_back({a[start + r], pw[r - 1]});
     if (extra_h != 0.0) terms.push_back({extra_h, pw[h - 1]});
-    return combine<Dev>(terms, a[start], k, pw[0].options());
+    at::Tensor dst = last && out.defined() ? out : at::empty({k, k}, pw[0].options());
+    Dev::lincomb(dst, terms, a[start]);
+    return dst;
   };
   const int64_t nblocks = d / h + 1;
   int64_t b = nblocks - 1;
   at::Tensor acc;
   if (b * h == d && b > 0) {  // last block is a lone scalar: a_d·X^h needs no product
-    acc = block((b - 1) * h, a[d]);
+    acc = block((b - 1) * h, a[d], b == 1);
     b -= 1;
   } else {
-    acc = block(b * h, 0.0);
+    acc = block(b * h, 0.0, b == 0);
   }
   for (--b; b >= 0; --b) {  // in place: no copy of the block
-    at::Tensor next = block(b * h, 0.0);
-    Dev::gemm(next, pw[h - 1], acc, 1.0);
+    at::Tensor next = block(b * h, 0.0, b == 0);
+    if (symmetric) {
+      Dev::gemm_sym(next, pw[h - 1], acc, 1.0);
+    } else {
+      Dev::gemm(next, pw[h - 1], acc, 1.0);
+    }
     acc = next;
   }
   return acc;
@@ -132,30 +142,43 @@ at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tens
 
 // K×K stage of the backward, shared by every device: per unit of incoming gradient,
 // dU/dXu = -λ·qᵀ, dA/dP = -f and dA/dXa = -(R + Rᵀ) (q always; f when p needs a gradient,
-// R when z does; the others undefined). Unscaled: each caller folds -λ, -2γ, 1/N and the
-// incoming gradient into its own next pass.
+// R when z does; the others undefined). Each caller folds -λ, -2γ, 1/N and the incoming
+// gradient into its next pass, or asks for them here: `to` gives optional destinations
+// (K×K views) and scales for q (or qᵀ) and f, written there without another pass.
 struct KKGrads {
   at::Tensor q, f, r;
 };
 
+struct KKTargets {
+  at::Tensor q, f;     // where s_q·q (s_q·qᵀ with q_transposed) and s_f·f go; undefined: new matrices
+  double s_q = 1.0, s_f = 1.0;
+  bool q_transposed = false;
+};
+
 template <class Dev>
 KKGrads kk_backward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa, const at::Tensor& saved, int64_t order,
-                    bool need_p, bool need_z) {
+                    bool need_p, bool need_z, const KKTargets& to = KKTargets()) {
   const int64_t k = xu.size(0), h = half_order(order);
   KKGrads out;
-  // q(Xu) = Σ_{j<n} (-1)^j Xu^j
+  // q(Xu) = Σ_{j<n} (-1)^j Xu^j; q(Xuᵀ) = q(Xu)ᵀ from the transposed powers
   std::vector<at::Tensor> pu{xu};
   for (int64_t i = 2; i <= h; ++i) pu.push_back(saved[i - 2]);
+  if (to.q_transposed)
+    for (auto& t : pu) t = t.t();
   std::vector<double> qa(order);
-  for (int64_t j = 0; j < order; ++j) qa[j] = (j % 2 ? -1.0 : 1.0);
-  out.q = poly<Dev>(pu, qa);
+  for (int64_t j = 0; j < order; ++j) qa[j] = (j % 2 ? -1.0 : 1.0) * to.s_q;
+  out.q = poly<Dev>(pu, qa, to.q);
   // f(Xa) = Σ_k c_k Xa^k (symmetric)
   if (need_p) {
     std::vector<at::Tensor> pa_pw{xa};
-    for (int64_t i = 2; i <= h; ++i) pa_pw.push_back(product<Dev>(pa_pw.back(), xa));
+    for (int64_t i = 2; i <= h; ++i) {
+      at::Tensor next = at::empty({k, k}, xa.options());
+      Dev::gemm_sym(next, pa_pw.back(), xa, 0.0);
+      pa_pw.push_back(next);
+    }
     std::vector<double> fa(order + 1, 0.0);
-    for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = taylor_coeff(kk);
-    out.f = poly<Dev>(pa_pw, fa);
+    for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = taylor_coeff(kk) * to.s_f;
+    out.f = poly<Dev>(pa_pw, fa, to.f, /*symmetric=*/true);
   }
   // R = Σ_j Xa^j D_j (Horner: one GEMM with beta = 1 per step)
   if (need_z) {

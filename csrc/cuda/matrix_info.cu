@@ -134,6 +134,8 @@ struct CudaDev {
     at::addmm_out(out, out, a, b, beta, 1.0);  // out = beta·out + a·b (cuBLAS)
   }
 
+  static void gemm_sym(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) { gemm(out, a, b, beta); }
+
   static at::Tensor trace(const at::Tensor& a) { return a.diagonal().sum(); }
 
   static at::Tensor trace_dot_sym(const at::Tensor& a, const at::Tensor& b) { return trace_dot(a, b); }
