@@ -48,6 +48,8 @@ import warnings
 
 import torch
 
+from . import _autocast
+
 CHECK_POLICIES = ("raise", "warn", "nan", "off")
 MARGIN = 0.01
 POWER_STEPS = 24
@@ -144,6 +146,7 @@ def check_policy(check):
         raise ValueError(f"check must be one of {', '.join(map(repr, CHECK_POLICIES))}, got {check!r}")
 
 
+@_autocast.disabled  # the power iteration's products in the matrices' dtype, not fp16/bf16
 def guard(result, mats, check, where):
     """Apply the policy ``check`` to ``result`` for the matrices ``mats``.
 
