@@ -22,8 +22,13 @@ comes back in bf16 where the kernel writes fp32 (a crash). Three things keep it 
   (:class:`_AutocastFreeGraph`) whose backward walks it with autocast off. Outside autocast,
   or without gradients, nothing is wrapped and nothing costs.
 
-Under ``torch.compile`` the forward's autocast-off region is traced into the graph (the
-compiled backward is derived from it); the graph node is an eager-mode device only.
+Under ``torch.compile`` the forward's autocast-off region is traced into the graph; the graph
+node is for eager mode only. torch.compile traces the backward together with the forward, with
+the autocast state ``torch._functorch.config.backward_pass_autocast`` names: the kernel routes
+are unaffected (their backward ops switch autocast off themselves), but the built-in backward
+formulas of a pure-PyTorch route follow the outer autocast under the default of torch <= 2.13,
+``"same_as_forward"``. Set it to ``"off"`` for an fp32 backward there too (2026-11-30;
+pytorch/pytorch#179804; pytorch/pytorch#177287 makes ``"off"`` the default).
 
 Limitations, under autocast only (outside it the loss is an ordinary autograd graph): the
 loss is once-differentiable (``create_graph=True`` raises), and a backward called inside an
