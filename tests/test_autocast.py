@@ -177,6 +177,23 @@ def test_reference_route_under_autocast_matches_float64():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
 
+def test_convergence_guard_under_autocast():
+    """The guard's power iteration (x @ v) keeps x's dtype inside an autocast block."""
+    from sslops import matrix_guard
+
+    k = 96
+    basis, _ = torch.linalg.qr(randn(k, k, torch.float64, seed=61))
+    x = ((basis * torch.linspace(-0.97, 0.97, k, dtype=torch.float64)) @ basis.T).float()
+    outside = matrix_guard.power_estimate(x)
+    result = torch.ones(())
+    for amp in AMP_DTYPES.values():
+        with torch.autocast("cpu", dtype=amp):
+            inside = matrix_guard.power_estimate(x)
+            guarded = matrix_guard.guard(result, matrix_guard.log_series_matrices(x), "nan", "test")
+        assert inside.dtype == torch.float32 and torch.equal(inside, outside), (inside, outside)
+        assert torch.equal(guarded, result)
+
+
 def _cxx_ops_available():
     return "cpu" in sslops.kernel_backends("matrix_ssl", "cpu")
 
