@@ -69,9 +69,12 @@ def _load(path):
         return None
 
 
-# What a carried prebuilt extension must agree on: built from these sources, for this torch.
+# What a carried prebuilt extension must agree on: built from these sources, for this torch
+# release (version with its local tag, e.g. 2.11.0+cu130, and CUDA version). torch's git commit
+# is recorded and reported but not required: PyPI's and PyTorch's own index serve the same
+# release build, and a library that does not load is caught by .ci/install's import check.
 # (Switches are not compared: the prebuilt is a CUDA build made on purpose by .ci/build-gpu-ext.)
-PREBUILT_KEYS = ("sources", "torch", "torch_cuda", "torch_git")
+PREBUILT_KEYS = ("sources", "torch", "torch_cuda")
 
 
 def prebuilt_mismatch(directory, root=ROOT):
@@ -84,6 +87,9 @@ def prebuilt_mismatch(directory, root=ROOT):
         return f"{so} is missing"
     current = fingerprint(root)
     diffs = [f"{k}: built for {recorded.get(k)!r}, here {current.get(k)!r}" for k in PREBUILT_KEYS if recorded.get(k) != current.get(k)]
+    if not diffs and recorded.get("torch_git") != current.get("torch_git"):
+        print(f"note: torch {current['torch']} here is commit {current.get('torch_git')}, the prebuilt's {recorded.get('torch_git')}",
+              file=sys.stderr)
     return "; ".join(diffs) or None
 
 
