@@ -41,9 +41,17 @@ def sources_hash(root=ROOT):
 
 
 def torch_info():
-    import torch
+    """torch's version, CUDA version and git commit, read from torch/version.py without importing
+    torch (an import costs seconds, more on a loaded machine)."""
+    import importlib.util
 
-    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_git": torch.version.git_version}
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return {"torch": None, "torch_cuda": None, "torch_git": None}
+    values = {}
+    with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as fh:
+        exec(compile(fh.read(), "torch/version.py", "exec"), values)  # plain assignments only
+    return {"torch": values.get("__version__"), "torch_cuda": values.get("cuda"), "torch_git": values.get("git_version")}
 
 
 def fingerprint(root=ROOT, env=None):

@@ -88,7 +88,7 @@ def command(source, include, std, cuda, out_dir):
     setup = _setup_module()
     includes = [include, os.path.join(include, "torch", "csrc", "api", "include"), sysconfig.get_paths()["include"]]
     if cuda:
-        cuda_home = os.environ.get("CUDA_HOME") or os.path.dirname(os.path.dirname(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"))
+        cuda_home = os.environ.get("CUDA_HOME") or os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")))
         includes.append(os.path.join(cuda_home, "include"))
     macros = [f"-DPy_LIMITED_API={setup.LIMITED_API_HEX}", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
               "-D_GLIBCXX_USE_CXX11_ABI=1"] + (["-DSSLOPS_WITH_CUDA"] if cuda else [])

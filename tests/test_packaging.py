@@ -178,9 +178,12 @@ def _other_pythons():
     for minor in (10, 12, 13):
         if minor == sys.version_info.minor:
             continue
-        candidates = [shutil.which(f"python3.{minor}")] + sorted(pathlib.Path.home().glob(f".pyenv/versions/3.{minor}.*/bin/python3.{minor}"))
+        candidates = sorted(pathlib.Path.home().glob(f".pyenv/versions/3.{minor}.*/bin/python3.{minor}")) + [shutil.which(f"python3.{minor}")]
         for cand in candidates:
-            if cand and os.access(cand, os.X_OK):
+            if not cand or not os.access(cand, os.X_OK):
+                continue
+            probe = subprocess.run([str(cand), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0 and probe.stdout.strip() == f"(3, {minor})":  # not a shim that refuses
                 found[minor] = str(cand)
                 break
     return found
@@ -256,7 +259,7 @@ def test_sdist_ships_license_and_sources_and_no_partial_tests(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sdist,) = tmp_path.glob("sslops-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
-    assert "LICENSE" in names and "setup.py" in names and "csrc/sslops_C.cpp" in names and "triton_kernels/infonce.py" in names
+    assert {"LICENSE", "setup.py", "csrc/sslops_C.cpp", "triton_kernels/infonce.py", "docs/conventions.md"} <= names, sorted(names)
     assert "BSD 3-Clause" in (ROOT / "LICENSE").read_text()
     tests = {n for n in names if n.startswith("tests/")}
     whole = {"tests/__init__.py", "tests/conftest.py", "tests/utils.py"}
