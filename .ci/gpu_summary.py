@@ -45,12 +45,18 @@ def _tokens(nodeid: str):
     return name.split("[")[0], [t.lower() for t in re.split(r"[-_\s,]+", params) if t]
 
 
+def backend_param_of(nodeid: str):
+    """The backend a test is parametrized with (a parameter id named like one), else None."""
+    _, params = _tokens(nodeid)
+    return next((token for token in params if token in BACKENDS), None)
+
+
 def backend_of(nodeid: str) -> str:
     """The backend a test exercises: a parameter named like one, else the test's name, else ``-``."""
-    name, params = _tokens(nodeid)
-    for token in params:
-        if token in BACKENDS:
-            return token
+    name, _ = _tokens(nodeid)
+    param = backend_param_of(nodeid)
+    if param:
+        return param
     words = name.lower().split("_")
     for backend in BACKENDS:
         if backend in words:
