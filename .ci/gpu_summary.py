@@ -97,14 +97,15 @@ def read_junit(path):
                 message = (el.get("message") or (el.text or "")).strip().splitlines()[0:1]
                 message = message[0] if message else ""
                 break
-        err = None
+        props = {}
         for prop in tc.iter("property"):
-            if prop.get("name") == "max_rel_err":
+            if prop.get("name") in ("max_rel_err", "rule_ratio"):
                 try:
-                    err = float(prop.get("value"))
+                    props[prop.get("name")] = float(prop.get("value"))
                 except (TypeError, ValueError):
                     pass
-        cases.append({"nodeid": nodeid, "outcome": outcome, "message": message, "max_rel_err": err})
+        cases.append({"nodeid": nodeid, "outcome": outcome, "message": message,
+                      "max_rel_err": props.get("max_rel_err"), "rule_ratio": props.get("rule_ratio")})
     return cases
 
 
@@ -127,11 +128,13 @@ def test_table(cases, collected):
     groups = collections.OrderedDict()
     for case in sorted(cases, key=lambda c: (family_of(c["nodeid"]), backend_of(c["nodeid"]))):
         key = (family_of(case["nodeid"]), backend_of(case["nodeid"]))
-        g = groups.setdefault(key, {"passed": 0, "failed": 0, "skipped": 0, "err": None, "err_dtype": None})
+        g = groups.setdefault(key, {"passed": 0, "failed": 0, "skipped": 0, "err": None, "err_dtype": None, "ratio": None})
         g["failed" if case["outcome"] in ("failed", "error") else case["outcome"]] += 1
-        err = case["max_rel_err"]
+        err, ratio = case["max_rel_err"], case.get("rule_ratio")
         if err is not None and (g["err"] is None or err > g["err"]):
             g["err"], g["err_dtype"] = err, dtype_of(case["nodeid"])
+        if ratio is not None and (g["ratio"] is None or ratio > g["ratio"]):
+            g["ratio"] = ratio
     totals = collections.Counter("failed" if c["outcome"] == "error" else c["outcome"] for c in cases)
     lines = []
     not_run = None if collected is None else max(0, collected - len(cases))
@@ -141,9 +144,12 @@ def test_table(cases, collected):
     if not cases:
         lines.append("  no test results (junit.xml missing or empty: see tests.log)")
         return lines
-    lines.append(f"  {'family':<18} {'backend':<10} {'passed':>6} {'failed':>6} {'skipped':>7}   worst error vs reference")
+    lines.append(f"  {'family':<18} {'backend':<10} {'passed':>6} {'failed':>6} {'skipped':>7}   worst error vs reference"
+                 " [worst kernel error / 2x-rule bound]")
     for (family, backend), g in groups.items():
         err = "-" if g["err"] is None else f"{g['err']:.1e}" + (f" ({g['err_dtype']})" if g["err_dtype"] else "")
+        if g["ratio"] is not None:
+            err += f" [{g['ratio']:.2f}]"
         lines.append(f"  {family:<18} {backend:<10} {g['passed']:>6} {g['failed']:>6} {g['skipped']:>7}   {err}")
     failures = [c for c in cases if c["outcome"] in ("failed", "error")]
     if failures:

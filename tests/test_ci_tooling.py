@@ -123,24 +123,41 @@ def test_gpu_plan_is_the_gpu_relevant_set():
 
 
 def test_plugin_records_the_worst_error_of_each_test(tmp_path):
-    (tmp_path / "test_fake.py").write_text(textwrap.dedent("""
+    pkg = tmp_path / "tests"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "utils.py").write_text(textwrap.dedent("""
+        def assert_error_within(kernel, naive, exact, *, factor=2.0):
+            err = float((kernel.double() - exact.double()).abs().max())
+            bound = factor * float((naive.double() - exact.double()).abs().max())
+            assert err <= bound
+            return err, bound / factor, bound
+    """))
+    (pkg / "conftest.py").write_text("import tests.utils  # noqa: F401  (as sslops' conftest does)\n")
+    (pkg / "test_fake.py").write_text(textwrap.dedent("""
         import torch
+        from tests.utils import assert_error_within
 
         def test_close():
             e = torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64)
             torch.testing.assert_close(e + torch.tensor([0.0, 4e-6, 0.0], dtype=torch.float64), e, atol=1e-5, rtol=0)
             torch.testing.assert_close(e + torch.tensor([0.0, 0.0, 2e-6], dtype=torch.float64), e, atol=1e-5, rtol=0)
 
+        def test_rule():
+            e = torch.tensor([2.0, -8.0], dtype=torch.float64)
+            assert_error_within(e + torch.tensor([0.0, 8e-3], dtype=torch.float64), e + 0.01, e)
+
         def test_far():
             torch.testing.assert_close(torch.ones(3), torch.zeros(3))
     """))
     env = dict(os.environ, PYTHONPATH=str(CI))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_pytest_plugin", "-p", "no:cacheprovider",
-                           f"--junitxml={tmp_path / 'junit.xml'}", str(tmp_path / "test_fake.py")],
+                           f"--junitxml={tmp_path / 'junit.xml'}", "tests"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # test_far fails, as it should
     cases = {c["nodeid"].split("::")[-1]: c for c in _load("gpu_summary").read_junit(str(tmp_path / "junit.xml"))}
     assert cases["test_close"]["outcome"] == "passed" and cases["test_close"]["max_rel_err"] == pytest.approx(1e-6, rel=1e-3)
+    assert cases["test_rule"]["max_rel_err"] == pytest.approx(1e-3, rel=1e-3) and cases["test_rule"]["rule_ratio"] == pytest.approx(0.4, rel=1e-3)
     assert cases["test_far"]["outcome"] == "failed" and cases["test_far"]["max_rel_err"] == pytest.approx(1.0)
 
 
@@ -149,7 +166,7 @@ FAKE_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testcase classname="tests.test_vicreg" name="test_matches_reference[triton-97-129-dtype1-0]" time="1.0">
   <properties><property name="max_rel_err" value="3.100e-06"/></properties></testcase>
 <testcase classname="tests.test_vicreg" name="test_matches_reference[triton-97-129-torch.bfloat16-0]" time="1.0">
-  <properties><property name="max_rel_err" value="4.000e-03"/></properties></testcase>
+  <properties><property name="max_rel_err" value="4.000e-03"/><property name="rule_ratio" value="0.700"/></properties></testcase>
 <testcase classname="tests.test_vicreg" name="test_matches_reference[cuda-97-129-dtype1-0]" time="1.0">
   <properties><property name="max_rel_err" value="2.000e-01"/></properties>
   <failure message="AssertionError: Tensor-likes are not close!">long traceback</failure></testcase>
@@ -196,7 +213,7 @@ def test_summary_of_a_fake_run(tmp_path):
         (line,) = [ln for ln in lines if ln.split()[:2] == [family, backend]]
         return line.split()
 
-    assert row("vicreg", "triton")[2:5] == ["2", "0", "0"] and row("vicreg", "triton")[5:] == ["4.0e-03", "(bf16)"]
+    assert row("vicreg", "triton")[2:5] == ["2", "0", "0"] and row("vicreg", "triton")[5:] == ["4.0e-03", "(bf16)", "[0.70]"]
     assert row("vicreg", "cuda")[2:6] == ["0", "1", "0", "2.0e-01"]
     assert row("infonce", "cuda")[2:6] == ["0", "1", "0", "-"]
     assert row("matrix_info", "triton")[2:5] == ["0", "0", "1"]
