@@ -236,15 +236,13 @@ def build_line(log_path):
         text = open(log_path, errors="replace").read()
     except OSError:
         return "build: no build.log"
-    for pattern, what in ((r"\[install\] using the prebuilt extension[^\n]*", None),
-                          (r"\[install\] already built[^\n]*", None),
-                          (r"\[install\] built in \d+ s", None)):
+    done = re.search(r"\[install\] sslops \S+ from ", text) is not None  # .ci/install's last line
+    for pattern in (r"\[install\] using the prebuilt extension[^\n]*", r"\[install\] sslops already built[^\n]*",
+                    r"\[install\] built in \d+ s", r"\[install\] not using [^\n]*"):
         match = re.search(pattern, text)
         if match:
-            return "build: " + match.group(0).replace("[install] ", "")
-    if "[install] sslops" in text:
-        return "build: done (see build.log)"
-    return "build: FAILED or cut short (see build.log)"
+            return "build: " + match.group(0).replace("[install] ", "") + ("" if done else " -- but the install did not finish (see build.log)")
+    return "build: " + ("done (see build.log)" if done else "FAILED or cut short (see build.log)")
 
 
 def summary(out_dir, stages=""):

@@ -196,7 +196,8 @@ def test_summary_of_a_fake_run(tmp_path):
     (tmp_path / "junit.xml").write_text(FAKE_JUNIT)
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in _fake_rows()) + "\n")
     (tmp_path / "tests.log").write_text("16 workers [9 items]\n....F.E.s\n")
-    (tmp_path / "build.log").write_text("[install] using the prebuilt extension in .prebuilt (_C.abi3.so)\n[install] sslops 0.1.0\n")
+    (tmp_path / "build.log").write_text("[install] using the prebuilt extension in .prebuilt (_C.abi3.so)\n"
+                                        "[install] sslops 0.1.0 from /x/sslops/__init__.py {}\n")
     proc = subprocess.run([sys.executable, str(CI / "gpu_summary.py"), str(tmp_path), "--stages", "install=21:0,tests=250:1,bench=150:0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
