@@ -43,7 +43,11 @@
 // once more in z_a's mean pass (VICReg: 7·NK element reads for both views, one pass fewer than
 // a separate Σ(z_a - z_b)² pass), an fp32 N×K copy per view written and read, the product
 // written once, read twice.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -33,7 +33,13 @@
 // products in all (7 when only p needs a gradient, the common case of a stop-gradient target);
 // GEMMs 5NK² forward (6NK² for K < 128), 8NK² backward (4NK² when only p needs a gradient).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <vector>
 

@@ -18,7 +18,15 @@
 // Saved: LSE (B,) and |P(i)| (B,). Extra memory: norms (M,), a (M, K) dẑ buffer (fp32; fp64 for fp64).
 // FLOPs: forward 2·B·M·K, backward 4·(2BM − B²)·K, plus 1 (forward) and 2 (backward) exp per pair.
 // All row offsets are int64 (M·K and M·M may pass 2³¹).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
