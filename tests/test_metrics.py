@@ -595,26 +595,20 @@ def test_streaming_checks():
     assert torch.isnan(nan.compute())
 
 
-def test_streaming_metrics_without_torchmetrics():
+def test_streaming_metrics_without_torchmetrics(tmp_path):
     """`import sslops` and the functions work without torchmetrics; the classes say what to install."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torchmetrics' or name.startswith('torchmetrics.'):\n"
-        "            raise ImportError('blocked for the test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import torch, sslops\n"
-        "print(float(sslops.metrics.rankme(torch.eye(3))))\n"
-        "try:\n"
-        "    sslops.metrics.RankMe\n"
-        "except ImportError as exc:\n"
-        "    print('ImportError:', exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[0].startswith("3.0")
-    assert "ImportError:" in out.stdout and 'sslops[metrics]' in out.stdout, out.stdout
+    from tests.test_packaging import BLOCK_IMPORTS, run_python
+
+    out = run_python(BLOCK_IMPORTS.replace("NAMES", repr(["torchmetrics"])) + """
+    import torch, sslops
+    print(float(sslops.metrics.rankme(torch.eye(3))))
+    try:
+        sslops.metrics.RankMe
+    except ImportError as exc:
+        print("ImportError:", exc)
+    """, tmp_path)
+    assert out.splitlines()[0].startswith("3.0"), out
+    assert "ImportError:" in out and 'pip install "sslops[metrics]"' in out, out
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -716,3 +710,16 @@ def test_metrics_run_on_cuda_tensors():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _close(metric.compute(), M.rankme(z), rtol=1e-9)
+
+
+def test_benchmark_cases_run_forward_only():
+    """bench_metrics' providers agree with each other; the N×N route is skipped, with why, when too big."""
+    from benchmarks import bench_metrics, common
+
+    for case in (bench_metrics.rankme_case(300, 20), bench_metrics.alignment_case(400, 40)):
+        rows = {r["provider"]: r for r in common.run_case(case, torch.device("cpu"), with_compile=False, min_run_time=0.01)}
+        assert rows["sslops"]["status"] == "ok" and rows["naive"]["status"] == "ok", rows
+        assert rows["sslops"]["rel_diff_vs_naive"] < 1e-4, rows["sslops"]
+    big = bench_metrics.alignment_case(70000, 3072)
+    assert "naive" in big.skip_providers and not big.backward
+    assert [p for p in common.providers(big, torch.device("cpu"), False) if p[0] == "naive"][0][1] is None
