@@ -54,7 +54,7 @@ class _StreamingMetric(Metric):
         self.num_features = num_features
 
     def _sum_state(self, name, *shape):
-        self.add_state(name, default=torch.zeros(*shape, dtype=F64), dist_reduce_fx="sum")
+        self.add_state(name, default=torch.zeros(shape, dtype=F64), dist_reduce_fx="sum")
 
     def _batch(self, z, min_rows=1, why=""):
         V.check_embedding("z", z, min_rows=min_rows, why_rows=why)

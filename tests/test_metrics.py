@@ -17,6 +17,7 @@
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -548,7 +549,8 @@ def test_streaming_rankme_and_effective_rank_equal_one_shot(dtype, small_blocks)
                 metric.update(batch)
         _close(metric.compute(), function(z), rtol=tol, what=name)
         metric.reset()
-        assert torch.isnan(metric.compute()), f"{name}: NaN before any update"
+        with pytest.warns(UserWarning, match="called before the ``update``"):  # torchmetrics' own warning
+            assert torch.isnan(metric.compute()), f"{name}: NaN before any update"
         _close(metric(z[:20]), function(z[:20]), rtol=tol, what=f"{name}: forward returns the batch value")
     # fewer rows than features: only min(N, K) singular values take part
     few = M.RankMe(k)
@@ -669,7 +671,7 @@ def test_monitoring_example_runs():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "monitor_collapse.py"), "--steps", "3"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "step 3" in out.stdout and "rankme" in out.stdout.lower(), out.stdout
+    assert re.search(r"^step +3 \|", out.stdout, re.M) and "RankMe*" in out.stdout, out.stdout
 
 
 def test_monitoring_example_lightning():
@@ -719,7 +721,7 @@ def test_benchmark_cases_run_forward_only():
     for case in (bench_metrics.rankme_case(300, 20), bench_metrics.alignment_case(400, 40)):
         rows = {r["provider"]: r for r in common.run_case(case, torch.device("cpu"), with_compile=False, min_run_time=0.01)}
         assert rows["sslops"]["status"] == "ok" and rows["naive"]["status"] == "ok", rows
-        assert rows["sslops"]["rel_diff_vs_naive"] < 1e-4, rows["sslops"]
+        assert rows["sslops"]["rel_diff_vs_naive"] < 1e-3, rows["sslops"]  # naive: fp32 SVD / N×N eigh
     big = bench_metrics.alignment_case(70000, 3072)
     assert "naive" in big.skip_providers and not big.backward
     assert [p for p in common.providers(big, torch.device("cpu"), False) if p[0] == "naive"][0][1] is None
