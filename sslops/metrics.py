@@ -91,7 +91,10 @@ def _computable(t):
 
 
 def _row_blocks(n, k):
-    step = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements, and at least k
+    rows (a block then costs no more memory than the K×K sums, and the float64 addition of
+    each block's K×K product stays small against the product itself)."""
+    step = max(1, _BLOCK_ELEMENTS // max(k, 1), k)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
@@ -282,8 +285,9 @@ def rankme(z, *, eps=1e-7, center=False):
     eps = 0), K for isotropic embeddings, near 1 for collapsed ones. Uncentred, as in the
     paper; ``center=True`` subtracts the column means first. The paper's eps is 1e-7;
     stable-pretraining's RankMe callback uses 1e-5 (``rankme(z, eps=1e-5)`` gives its
-    number, up to its SVD's rounding). reptrix's "RankMe" normalises σ² instead of σ: it
-    is :func:`effective_rank` of zᵀz, not RankMe.
+    number, up to its SVD's rounding). reptrix's "RankMe" takes the PCA spectrum, σ² of the
+    centred z: it is ``effective_rank(torch.cov(z.T), eps=1e-7)`` (K ≤ 2048), a smaller
+    number (see :func:`effective_rank`), not RankMe.
 
     Cost: σ² are the eigenvalues of the smaller Gram matrix (module docstring): one pass
     of N·K² multiply-adds in float32 (float64 for float64 input) and one min(N, K)²

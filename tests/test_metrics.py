@@ -215,6 +215,21 @@ def stable_pretraining_lidar(embeddings, samples_per_class, delta=1e-4, epsilon=
     return torch.exp(-(p * torch.log(p)).sum())
 
 
+def reptrix_rankme(z):
+    """reptrix's get_rankme: the PCA explained-variance ratios (eigenvalues of the covariance / their
+    sum), then p = e/‖e‖₁ + 1e-7 and exp of the entropy."""
+    eigen = torch.linalg.eigvalsh(torch.cov(z.T)).flip(0).clamp_min(0)
+    eigen = eigen / eigen.sum()
+    p = eigen / eigen.abs().sum() + 1e-7
+    return torch.exp(-(p * torch.log(p)).sum())
+
+
+def test_reptrix_rankme_is_effective_rank_of_the_covariance():
+    z = torch.randn(400, 30, generator=_gen(6), dtype=F64) * torch.logspace(-1, 0, 30, dtype=F64) + 1.0
+    _close(M.effective_rank(torch.cov(z.T), eps=1e-7), reptrix_rankme(z), rtol=1e-10)
+    assert reptrix_rankme(z) < M.rankme(z, center=True) - 1.0
+
+
 def test_std_of_l2_normalized_matches_lightly(small_blocks):
     for shape in [(2, 1), (97, 13), (1025, 3)]:
         z = torch.randn(*shape, generator=_gen(shape[0]), dtype=F64) + 0.3
