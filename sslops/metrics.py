@@ -158,7 +158,7 @@ def row_moments(x):
         cs = torch.outer(c, s)
         between += cs + cs.T - rows * torch.outer(c, c)
         total += s
-    count = torch.tensor(float(n), dtype=F64, device=x.device)
+    count = torch.full((), float(n), dtype=F64, device=x.device)
     return Moments(count, total, within, between, unit_roundoff(x.dtype) * within.diagonal().sum())
 
 
@@ -395,7 +395,7 @@ def lidar_moments(z, groups):
     centred = torch.where(used.unsqueeze(1), means - shift, torch.zeros_like(means))
     cs = torch.outer(shift, mean_total)
     return {
-        "rows": torch.tensor(float(n), dtype=F64, device=z.device),
+        "rows": torch.full((), float(n), dtype=F64, device=z.device),
         "sources": sources,
         "singletons": (counts == 1).sum().to(F64),
         "residual": residual,
