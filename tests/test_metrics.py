@@ -741,3 +741,14 @@ def test_benchmark_cases_run_forward_only():
     big = bench_metrics.alignment_case(70000, 3072)
     assert "naive" in big.skip_providers and not big.backward
     assert [p for p in common.providers(big, torch.device("cpu"), False) if p[0] == "naive"][0][1] is None
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_centred_rankme_of_fp32_rows_far_from_the_origin(offset, small_blocks):
+    """Each block is shifted by its own mean: centring stays accurate when |mean| ≫ spread."""
+    z = (torch.randn(2000, 12, generator=_gen(23), dtype=F64) * torch.logspace(-1, 0, 12, dtype=F64) + offset).float()
+    _close(M.rankme(z, center=True), _svd_rankme(z.double(), center=True), rtol=1e-4)
+    metric = pytest.importorskip("sslops._streaming").RankMe(12, center=True)
+    for piece in torch.split(z, 333):
+        metric.update(piece)
+    _close(metric.compute(), _svd_rankme(z.double(), center=True), rtol=1e-4, what="streaming")
