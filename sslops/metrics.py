@@ -91,11 +91,27 @@ def _computable(t):
 
 
 def _row_blocks(n, k):
-    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements, and at least k
-    rows (a block then costs no more memory than the K×K sums, and the float64 addition of
-    each block's K×K product stays small against the product itself)."""
-    step = max(1, _BLOCK_ELEMENTS // max(k, 1), k)
+    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements, and at least 2k
+    rows (a block then costs about the memory of one K×K float64 sum, and the float64
+    addition of each block's K×K product stays small against the product itself)."""
+    step = max(1, _BLOCK_ELEMENTS // max(k, 1), 2 * k)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _power_of_two_scale(t):
+    """(scale, back²): scale = 2^-e (t's dtype) brings max|t| into [0.5, 1); back² = 2^2e in
+    float64 undoes it on a product. Exact; e is clamped so that the scale stays finite."""
+    low, high = torch.aminmax(t)
+    _, exponent = torch.frexp(torch.maximum(high, -low))
+    exponent = exponent.clamp(-120, 120)
+    one = torch.ones((), dtype=t.dtype, device=t.device)
+    back = torch.ldexp(torch.ones((), dtype=F64, device=t.device), exponent)
+    return torch.ldexp(one, -exponent), back * back
+
+
+def add_block_gram(acc, c, back2):
+    """acc (float64) += cᵀc · back², the product in c's dtype (one pass over acc)."""
+    return acc.addcmul_(c.T @ c, back2)
 
 
 def block_gram(c, owned=False):
@@ -105,11 +121,9 @@ def block_gram(c, owned=False):
     so no product overflows or underflows whatever the scale of the input; NaN or Inf in
     ``c`` gives non-finite entries. ``owned``: ``c`` is a temporary, scaled in place.
     """
-    _, exponent = torch.frexp(c.abs().amax())
-    scale = torch.ldexp(torch.ones((), dtype=c.dtype, device=c.device), -exponent)
+    scale, back2 = _power_of_two_scale(c)
     c = c.mul_(scale) if owned else c * scale
-    back = torch.ldexp(torch.ones((), dtype=F64, device=c.device), exponent)
-    return (c.T @ c).to(F64).mul_(back * back)
+    return add_block_gram(torch.zeros(c.shape[1], c.shape[1], dtype=F64, device=c.device), c, back2)
 
 
 class Moments(NamedTuple):
@@ -142,25 +156,40 @@ class Moments(NamedTuple):
 
 
 def row_moments(x):
-    """The :class:`Moments` of the rows of ``x`` (N, K), over blocks of rows (no host sync)."""
+    """The :class:`Moments` of the rows of ``x`` (N, K), over blocks of rows (no host sync).
+
+    The block and K×K buffers are allocated once per call and reused (fresh large
+    allocations cost page faults on every block).
+    """
     n, k = x.shape
     pdt = product_dtype(x.dtype)
-    total = torch.zeros(k, dtype=F64, device=x.device)
-    within = torch.zeros(k, k, dtype=F64, device=x.device)
-    between = torch.zeros(k, k, dtype=F64, device=x.device)
-    for start, stop in _row_blocks(n, k):
-        block = x[start:stop].to(pdt)
+    blocks = _row_blocks(n, k)
+    device = x.device
+    total = torch.zeros(k, dtype=F64, device=device)
+    within = torch.zeros(k, k, dtype=F64, device=device)
+    between = torch.zeros(k, k, dtype=F64, device=device)
+    widest = max(stop - start for start, stop in blocks)
+    shifted_buffer = torch.empty(widest, k, dtype=pdt, device=device)
+    cast_buffer = torch.empty(widest, k, dtype=pdt, device=device) if x.dtype != pdt else None
+    product = torch.empty(k, k, dtype=pdt, device=device)
+    product64 = product if pdt == F64 else torch.empty(k, k, dtype=F64, device=device)
+    for start, stop in blocks:
         rows = stop - start
+        block = x[start:stop] if cast_buffer is None else cast_buffer[:rows].copy_(x[start:stop])
+        scale, back2 = _power_of_two_scale(block)
         shift = block.mean(dim=0)
-        shifted = block - shift
+        shifted = torch.addcmul(-(shift * scale), block, scale, out=shifted_buffer[:rows])  # (block − shift)·scale
         c = shift.to(F64)
         # Σ rows = n·c + Σ (rows − c): the small shifted values summed in the product dtype
         # (a float64 sum of the block would copy it whole)
-        s = rows * c + shifted.sum(dim=0).to(F64)
-        within += block_gram(shifted, owned=True)
-        between.addr_(c, s).addr_(s, c).addr_(c, c, alpha=-rows)
+        s = rows * c + shifted.sum(dim=0).to(F64) / scale.to(F64)
+        torch.mm(shifted.T, shifted, out=product)
+        if product64 is not product:
+            product64.copy_(product)
+        within.addcmul_(product64, back2)
+        between.addmm_(torch.stack([c, s, c], dim=1), torch.stack([s, c, -rows * c]))  # c sᵀ + s cᵀ − n c cᵀ
         total += s
-    count = torch.full((), float(n), dtype=F64, device=x.device)
+    count = torch.full((), float(n), dtype=F64, device=device)
     return Moments(count, total, within, between, unit_roundoff(x.dtype) * within.diagonal().sum())
 
 
@@ -194,7 +223,7 @@ def small_gram(x, center=False):
 
 def _finite_or_ones(m):
     """(m, or all ones if m holds NaN/Inf; a 0-dim "was finite" flag): no host sync."""
-    ok = torch.isfinite(m).all()
+    ok = torch.isfinite(m.sum())  # NaN and ±Inf entries all reach the sum (one pass)
     return torch.where(ok, m, torch.ones((), dtype=m.dtype, device=m.device)), ok
 
 
