@@ -90,11 +90,12 @@ def _computable(t):
     return t.cpu() if t is not None and t.device.type == "mps" else t
 
 
-def _row_blocks(n, k):
-    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements, and at least 2k
-    rows (a block then costs about the memory of one K×K float64 sum, and the float64
-    addition of each block's K×K product stays small against the product itself)."""
-    step = max(1, _BLOCK_ELEMENTS // max(k, 1), 2 * k)
+def _row_blocks(n, k, product=True):
+    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements; with
+    ``product`` (blocks multiplied into a K×K sum) at least 2k rows, so that a block costs
+    about the memory of one K×K float64 sum and the float64 addition of its K×K product
+    stays small against the product itself."""
+    step = max(1, _BLOCK_ELEMENTS // max(k, 1), 2 * k if product else 1)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
@@ -397,7 +398,7 @@ def group_sums(z, groups):
     slot[order] = torch.cumsum(new, 0) - 1
     counts = torch.zeros(n, dtype=F64, device=z.device).index_add_(0, slot, torch.ones(n, dtype=F64, device=z.device))
     sums = torch.zeros(n, k, dtype=F64, device=z.device)
-    for start, stop in _row_blocks(n, k):
+    for start, stop in _row_blocks(n, k, product=False):
         sums.index_add_(0, slot[start:stop], z[start:stop].to(F64))
     return slot, counts, sums
 
@@ -532,7 +533,7 @@ def std_of_l2_normalized(z):
     V.check_embedding("z", z, min_rows=2, why_rows=" (an unbiased std needs two rows)")
     z = _computable(z)
     n, k = z.shape
-    blocks = _row_blocks(n, k)
+    blocks = _row_blocks(n, k, product=False)
 
     def normalized(start, stop):
         return torch.nn.functional.normalize(z[start:stop].to(F64), dim=1)
@@ -568,7 +569,7 @@ def target_products(y, x, shift=None):
     kind, t, c = _targets(y, x.shape[0], x.device)
     n, d = x.shape
     yx = torch.zeros(c, d, dtype=F64, device=x.device)
-    for start, stop in _row_blocks(n, d):
+    for start, stop in _row_blocks(n, d, product=False):
         rows = x[start:stop].to(F64)
         if shift is not None:
             rows = rows - shift
