@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import _backend, distributed, reference
+from . import _autocast, _backend, distributed, reference
 from . import _validation as V
 
 __all__ = [
@@ -84,6 +84,7 @@ def _checked(loss, gathering):
 # ----------------------------------------------------------------------------- VICReg
 
 
+@_autocast.fp32_loss
 def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg, two-view form (Bardes, Ponce, LeCun 2022), as ``facebookresearch/vicreg``.
 
@@ -122,6 +123,7 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
     return _run("vicreg", backend, (z_a, z_b), params, reference.vicreg_loss)
 
 
+@_autocast.fp32_loss
 def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, gamma=25.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg over a relation matrix G (Balestriero & LeCun 2022, the spectral view).
 
@@ -164,6 +166,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
 # ----------------------------------------------------------------------------- Barlow Twins
 
 
+@_autocast.fp32_loss
 def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend="auto"):
     r"""Barlow Twins (Zbontar et al. 2021), as ``facebookresearch/barlowtwins``.
 
@@ -199,6 +202,7 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
 # ----------------------------------------------------------------------------- InfoNCE
 
 
+@_autocast.fp32_loss
 def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, backend="auto"):
     r"""InfoNCE over a sparse relation G: SimCLR (any number of views) and SupCon.
 
@@ -237,6 +241,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, 
     return _relation_run("info_nce", backend, z, labels, pairs, params, reference.info_nce_loss)
 
 
+@_autocast.fp32_loss
 def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
     r"""SimCLR's NT-Xent over 2N anchors: row i of ``z_a`` and row i of ``z_b`` are positives.
 
@@ -275,6 +280,7 @@ def _series_guard_q(q):
     return matrix_guard.log_series_matrices(q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device))
 
 
+@_autocast.fp32_loss
 def matrix_log(q, *, order=4, method="taylor", check="raise"):
     r"""log Q by the Taylor series around I, or exactly by eigendecomposition.
 
@@ -325,6 +331,7 @@ def _mce_reference(p, q, *, order, check):
     return matrix_guard.guard(out, _series_guard_q(q), check, "matrix_cross_entropy")
 
 
+@_autocast.fp32_loss
 def matrix_cross_entropy(p, q, *, order=4, method="taylor", check="raise", backend="auto"):
     r"""Matrix cross-entropy :math:`\mathrm{MCE}(P, Q) = \mathrm{tr}(-P\log Q + Q)`.
 
@@ -395,6 +402,7 @@ def _matrix_ssl_exact(p, z, lambd, mu, gamma):
     return -lambd * logdet + gamma * alignment
 
 
+@_autocast.fp32_loss
 def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False, backend="auto", method="taylor", check="raise"):
     r"""Matrix-SSL (Zhang et al., arXiv 2305.17326) for one ordered pair (online p, target z).
 

@@ -49,6 +49,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../no_autocast.h"
 #include "column_reduce.h"
 #include "parallel.h"
 
@@ -56,12 +57,6 @@ namespace sslops {
 namespace {
 
 constexpr int64_t kColGrain = 32;
-
-// The at::mm calls below must run in the accumulation dtype even when the op is called
-// under torch.autocast (autocast would hand back bf16 products).
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
-};
 
 // Route codes shared with the Python op layer: 0 = by shape, 1 = K×K, 2 = Gram (N×N).
 bool use_gram(int64_t route, int64_t n, int64_t k, double gram_cost, double kk_cost) {

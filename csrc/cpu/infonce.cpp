@@ -44,6 +44,7 @@
 #include <limits>
 #include <vector>
 
+#include "../no_autocast.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -360,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
                                                                 const c10::optional<at::Tensor>& crow_in,
                                                                 const c10::optional<at::Tensor>& col_in, double temperature,
                                                                 int64_t row_start, int64_t row_end) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   check_window(z_in, row_start, row_end);
   TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_fwd_cxx: give exactly one of labels or crow/col");
   const at::Tensor z = z_in.contiguous();
@@ -386,6 +388,7 @@ at::Tensor info_nce_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z_in,
                             const c10::optional<at::Tensor>& crow_in, const c10::optional<at::Tensor>& col_in,
                             const at::Tensor& pos_count, const at::Tensor& lse, double temperature, int64_t row_start,
                             int64_t row_end) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   check_window(z_in, row_start, row_end);
   TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_bwd_cxx: give exactly one of labels or crow/col");
   const at::Tensor z = z_in.contiguous();

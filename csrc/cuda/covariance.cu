@@ -38,6 +38,7 @@
 #include <cmath>
 #include <utility>
 
+#include "../no_autocast.h"
 #include "column_reduce.cuh"
 #include "stream.h"
 
@@ -46,10 +47,6 @@ namespace {
 
 constexpr int kCols = kColumnSlice;
 constexpr int kRows = kRowStride;
-
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
-};
 
 bool use_gram(int64_t route, double gram_cost, double kk_cost) {
   if (route == 1) return false;

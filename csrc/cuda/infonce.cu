@@ -25,6 +25,7 @@
 
 #include <limits>
 
+#include "../no_autocast.h"
 #include "stream.h"
 
 namespace sslops {
@@ -301,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(const at::Tenso
                                                                  const c10::optional<at::Tensor>& crow_in,
                                                                  const c10::optional<at::Tensor>& col_in, double temperature,
                                                                  int64_t rs, int64_t re) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(z_in.device());
   const Inputs in = prepare(z_in, labels_in, crow_in, col_in, rs, re);
   const at::Tensor& z = in.z;
@@ -336,6 +338,7 @@ at::Tensor info_nce_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z_in
                              const c10::optional<at::Tensor>& crow_in, const c10::optional<at::Tensor>& col_in,
                              const at::Tensor& pos_count, const at::Tensor& lse_in, double temperature, int64_t rs,
                              int64_t re) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(z_in.device());
   const Inputs in = prepare(z_in, labels_in, crow_in, col_in, rs, re);
   const at::Tensor& z = in.z;
