@@ -21,6 +21,7 @@ import torch
 
 from . import _validation as V
 from . import metrics as M
+from ._autocast import disabled
 
 try:
     from torchmetrics import Metric
@@ -75,6 +76,7 @@ class _GramMetric(_StreamingMetric):
         self._sum_state("between", k, k)
         self._sum_state("noise")
 
+    @disabled
     def update(self, z):
         """Add the rows of ``z`` (B, K) (any B ≥ 1, any floating dtype; no host sync)."""
         z = self._batch(z)
@@ -128,6 +130,7 @@ class RankMe(_GramMetric):
         self.eps = float(eps)
         self.center = center
 
+    @disabled
     def compute(self):
         if self.center:
             self._check_rows(2, "center=True needs two rows at least")
@@ -157,6 +160,7 @@ class EffectiveRank(_GramMetric):
         self.eps = float(eps)
         self.covariance = covariance
 
+    @disabled
     def compute(self):
         if not self.covariance:
             return self._empty_to_nan(self._rows_rank(False))
@@ -198,6 +202,7 @@ class LiDAR(_StreamingMetric):
         self._sum_state("mean_within", k, k)
         self._sum_state("mean_between", k, k)
 
+    @disabled
     def update(self, z, groups):
         """Add the views ``z`` (B, K) of the sources ``groups`` (B,) (no host sync)."""
         z = self._batch(z)
@@ -207,6 +212,7 @@ class LiDAR(_StreamingMetric):
         for name in self._SUMS:
             setattr(self, name, getattr(self, name) + sums[name])
 
+    @disabled
     def compute(self):
         sums = {name: getattr(self, name) for name in self._SUMS}
         if int(self.rows) == 0:

@@ -38,7 +38,8 @@ products this resolves singular values down to about √(u·tr ZcᵀZc / λ_max)
 block-centred rows): for a spectrum falling by 10⁴ over 512 directions, RankMe of fp32 input
 is then about 1 % below the float64 SVD's; pass float64 input for float64 resolution.
 
-Inputs: (N, K) floating tensors, any layout. Bad arguments raise ``ValueError`` or
+Inputs: (N, K) floating tensors, any layout; ``torch.autocast`` is switched off inside
+(its fp16/bf16 products would break the rounding analysis above). Bad arguments raise ``ValueError`` or
 ``TypeError`` naming the argument (docs/conventions.md §6); a NaN or Inf input gives a NaN
 result (never a linear-algebra error); ``sslops.set_debug(True)`` raises on it instead.
 MPS has no float64: inputs on MPS are copied to the CPU and the result is a CPU tensor.
@@ -51,6 +52,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validation as V
+from ._autocast import disabled
 
 __all__ = [
     "rankme",
@@ -303,6 +305,7 @@ def check_groups(groups, n, device):
 # ----------------------------------------------------------------------------- RankMe, effective rank
 
 
+@disabled  # autocast would turn the products into fp16/bf16 ones
 def rankme(z, *, eps=1e-7, center=False):
     r"""RankMe of embeddings ``z`` (Garrido, Balestriero, Najman & LeCun, ICML 2023).
 
@@ -342,6 +345,7 @@ def rankme(z, *, eps=1e-7, center=False):
     return singular_value_rank(*small_gram(z, center), min(n, k), float(eps))
 
 
+@disabled
 def effective_rank(a, *, eps=0.0):
     r"""Effective rank of any matrix (Roy & Vetterli, EUSIPCO 2007).
 
@@ -467,6 +471,7 @@ def check_lidar_moments(m, where):
         raise ValueError(f"groups: LiDAR needs at least two sources (distinct group ids), got {sources} in {where}")
 
 
+@disabled
 def lidar(z, groups, *, delta=1e-4, eps=1e-8):
     r"""LiDAR of augmented embeddings (Thilak et al., "LiDAR: Sensing linear probing performance
     in joint embedding SSL architectures", ICLR 2024).
@@ -512,6 +517,7 @@ def lidar(z, groups, *, delta=1e-4, eps=1e-8):
 # ----------------------------------------------------------------------------- SimSiam's check
 
 
+@disabled
 def std_of_l2_normalized(z):
     r"""Mean over features of the std of the L2-normalised rows (SimSiam, Chen & He, CVPR 2021).
 
@@ -618,6 +624,7 @@ def ordered_orthonormal(w, thresholds, block=64):
     return q, kept
 
 
+@disabled
 def alignment(x, y, k=None, *, directions=None, squared=True):
     r"""Alignment of reconstruction with perception (Balestriero & LeCun, "Learning by
     reconstruction produces uninformative features for perception", ICML 2024).
@@ -719,6 +726,7 @@ def alignment(x, y, k=None, *, directions=None, squared=True):
 # ----------------------------------------------------------------------------- 2402.06884
 
 
+@disabled
 def effective_dimension(features, lam):
     r"""Effective dimension of a feature map at ridge ``lam`` (arXiv 2402.06884).
 
@@ -747,6 +755,7 @@ def effective_dimension(features, lam):
     return _nan_unless(finite, (w / (w + float(lam))).sum())
 
 
+@disabled
 def redundancy(features, y, s):
     r"""Low-rank redundancy ε_s of features beyond the labels (arXiv 2402.06884), from data.
 

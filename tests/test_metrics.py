@@ -14,7 +14,6 @@
 * input checks naming the argument, NaN/Inf → NaN, no torchmetrics → a clear ImportError.
 """
 
-import contextlib
 import math
 import os
 import re
@@ -520,25 +519,12 @@ def _batches(z, sizes):
     return out
 
 
-@contextlib.contextmanager
 def _no_host_sync():
-    """Fail on any Python-level device-to-host read of a tensor (item, bool, int, float, tolist)."""
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__"]
-    saved = {name: getattr(torch.Tensor, name) for name in names}
+    """The repository's host-sync detector (tests/test_host_sync.py): fails on any op that would
+    make a GPU run wait (item/bool/tolist, value-dependent shapes, tensors from host data)."""
+    from tests.test_host_sync import SyncDetector
 
-    def refuse(name):
-        def method(self, *args, **kw):
-            raise AssertionError(f"host sync: Tensor.{name} called in update")
-
-        return method
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+    return SyncDetector()
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -752,3 +738,25 @@ def test_centred_rankme_of_fp32_rows_far_from_the_origin(offset, small_blocks):
     for piece in torch.split(z, 333):
         metric.update(piece)
     _close(metric.compute(), _svd_rankme(z.double(), center=True), rtol=1e-4, what="streaming")
+
+
+def test_autocast_stays_outside():
+    """Inside torch.autocast (bf16 on CPU) the products stay fp32/fp64: the same numbers."""
+    z = torch.randn(300, 24, generator=_gen(24)) * torch.logspace(-1, 0, 24) + 2.0
+    groups = torch.arange(100).repeat_interleave(3)
+    labels = torch.randint(0, 4, (300,), generator=_gen(25))
+    calls = {
+        "rankme": lambda: M.rankme(z, center=True), "rankme wide": lambda: M.rankme(z[:20]),
+        "effective_rank": lambda: M.effective_rank(z), "lidar": lambda: M.lidar(z, groups),
+        "std": lambda: M.std_of_l2_normalized(z), "alignment": lambda: M.alignment(z, labels),
+        "effective_dimension": lambda: M.effective_dimension(z, 0.5), "redundancy": lambda: M.redundancy(z, labels, 3),
+    }
+    outside = {name: call() for name, call in calls.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name, call in calls.items():
+            torch.testing.assert_close(call(), outside[name], rtol=0, atol=0, msg=name)
+    if pytest.importorskip("torchmetrics"):
+        metric = M.RankMe(24)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            metric.update(z)
+            torch.testing.assert_close(metric.compute(), M.rankme(z), rtol=1e-12, atol=0)
