@@ -666,7 +666,8 @@ def alignment(x, y, k=None, *, directions=None, squared=True):
         k_max = D' for given directions, rank(x) by default; or its entry k − 1 (0-dim).
         NaN (of length D', or min(N − 1, D) by default) if x or y holds NaN/Inf.
     Raises:
-        TypeError, ValueError: naming the argument (shapes, devices, k out of range).
+        TypeError, ValueError: naming the argument (shapes, devices, k out of range, x of
+        rank 0, targets with nothing in the column space of x, e.g. a single class).
     """
     V.check_embedding("x", x, min_rows=2, why_rows=" (x is centred per feature)")
     n, d = x.shape
@@ -707,6 +708,9 @@ def alignment(x, y, k=None, *, directions=None, squared=True):
     a = (yx @ u_r) * lam_r.rsqrt()  # Yᵀ q_basis (C, r)
     m = a.T @ yy @ a  # (r, r): a_j = w_jᵀ M w_j
     denominator = m.diagonal().sum()
+    if float(denominator) <= d * unit_roundoff(x.dtype) * float(torch.linalg.matrix_norm(yy)) ** 2:
+        raise ValueError("y has no component in the column space of the centred x (a single class?): "
+                         "alignment is 0/0, undefined")
     if directions is None:
         energy = m.diagonal()
     else:

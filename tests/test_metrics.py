@@ -477,6 +477,8 @@ def test_bad_inputs_name_the_argument():
     _expect(ValueError, r"k must be in \[1, 2\]", M.alignment, z, labels, 3, directions=torch.randn(4, 2, dtype=F64))
     _expect(ValueError, "y must have shape", M.alignment, z, labels[:-1])
     _expect(TypeError, "y must be", M.alignment, z, torch.randn(10, 2, 2))
+    _expect(ValueError, "single class", M.alignment, z, torch.full((10,), 3))
+    _expect(ValueError, "rank 0", M.alignment, torch.ones(10, 4, dtype=F64), labels)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
