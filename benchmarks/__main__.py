@@ -7,8 +7,9 @@
 
     python -m benchmarks --headline --budget 200   # the GPU check's cases (benchmarks/headline.py)
 
-``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``mce``) or
-loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ...). Rows are appended to
+``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``mce``,
+``metrics``) or loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ``rankme``,
+``alignment``, ...). Rows are appended to
 ``benchmarks/results/local.jsonl``, which git ignores (``--out`` for another file): the
 committed ``benchmarks/results/results.jsonl`` changes only when results are curated on
 purpose (``--out benchmarks/results/results.jsonl``, or appending chosen rows to it).
@@ -28,7 +29,7 @@ import torch
 from . import common
 
 
-STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "mce"]
+STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "mce", "metrics"]
 # A run's rows go here unless --out says otherwise: untracked (.gitignore), so benchmarking
 # never modifies the curated, committed results.jsonl.
 LOCAL_RESULTS_FILE = os.path.join(common.RESULTS_DIR, "local.jsonl")
