@@ -1,4 +1,4 @@
-r"""``gather=True``: losses over the global batch of a torch.distributed job (SPEC §5).
+r"""``gather=True``: losses over the global batch of a torch.distributed job (conventions §5).
 
 Every loss of :mod:`sslops.functional` called with ``gather=True`` inside a process
 group of W > 1 ranks lands here (with no process group, or W = 1, ``functional`` runs the

@@ -1,6 +1,6 @@
 r"""The public losses: validation, backend choice, and the signatures users call.
 
-Every function here checks its inputs (SPEC §6: a ``ValueError``/``TypeError`` that names
+Every function here checks its inputs (conventions §6: a ``ValueError``/``TypeError`` that names
 the argument), picks a backend (:mod:`sslops._backend`), and runs either a fused kernel
 (registered by ``sslops/ops/<stem>.py``) or the pure-PyTorch reference.
 
@@ -10,7 +10,7 @@ Conventions shared by every loss:
   inputs), the loss comes back as fp32 (fp64 for fp64 inputs) and gradients in the
   input's dtype;
 * ``gather=True`` computes the loss over the global batch of all ranks of the default
-  ``torch.distributed`` process group with the gradient contract of SPEC §5
+  ``torch.distributed`` process group with the gradient contract of conventions §5
   (:mod:`sslops.distributed`); with no process group, or one rank, it is the
   single-process loss, so one script runs on one device and on many;
 * ``backend`` is ``"auto" | "triton" | "cuda" | "cpu" | "reference"`` (or the
@@ -104,7 +104,7 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         sim_coeff, std_coeff, cov_coeff: the weights λ_sim, λ_std, λ_cov (25, 25, 1).
         eps: added to the variance before the square root (in fp32).
-        gather: global-batch loss over all ranks (SPEC §5); the invariance MSE stays local,
+        gather: global-batch loss over all ranks (conventions §5); the invariance MSE stays local,
             as in the official code.
         backend: see :mod:`sslops`.
     """
@@ -145,7 +145,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
         labels: (N,) integer tensor, or ``pairs``: (2, P) int64 indices in [0, N); exactly one.
         alpha, beta, gamma: weights of var, cov and inv (25, 1, 25).
         eps: added to the variance before the square root.
-        gather: global-batch loss (SPEC §5); ``pairs`` then hold global row indices.
+        gather: global-batch loss (conventions §5); ``pairs`` then hold global row indices.
         backend: see :mod:`sslops`.
     """
     gathering = _gathering(gather)
@@ -180,7 +180,7 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         lambd: weight of the off-diagonal term (0.0051).
         eps: batch-norm epsilon (1e-5), applied in fp32.
-        gather: global-batch loss (SPEC §5).
+        gather: global-batch loss (conventions §5).
         backend: see :mod:`sslops`.
     """
     gathering = _gathering(gather)
@@ -222,7 +222,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, 
         labels: (N,) integers, G_ij = [labels_i = labels_j] for i ≠ j; or
         pairs: (2, P) int64 row/column indices (symmetric; duplicates count once; self-pairs dropped).
         temperature: τ > 0 (0.1).
-        gather: local anchors against the global batch (SPEC §5); ``pairs`` then hold
+        gather: local anchors against the global batch (conventions §5); ``pairs`` then hold
             global row indices.
         backend: see :mod:`sslops`.
     """
@@ -246,7 +246,7 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
     Args:
         z_a, z_b: (N, K) embeddings of the two views.
         temperature: τ > 0 (0.5).
-        gather: global-batch negatives (SPEC §5).
+        gather: global-batch negatives (conventions §5).
         backend: see :mod:`sslops`.
     """
     gathering = _gathering(gather)
@@ -446,7 +446,7 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         p, z: (N, K) online-branch and target-branch embeddings.
         lambd, mu, gamma: λ, μ, γ (1, 1, 1).
         order: Taylor order n >= 1 (4).
-        gather: global-batch loss (SPEC §5); the series path only, not guarded.
+        gather: global-batch loss (conventions §5); the series path only, not guarded.
         backend: see :mod:`sslops` (``method="taylor"`` only).
         method: ``"taylor"`` (the released code's series) or ``"exact"``.
         check: the convergence guard's policy for ``method="taylor"``.

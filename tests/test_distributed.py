@@ -1,4 +1,4 @@
-"""gather=True under torch.distributed (SPEC §5), with the gloo backend on 127.0.0.1.
+"""gather=True under torch.distributed (conventions §5), with the gloo backend on 127.0.0.1.
 
 One spawned process group per world size W = 1, 2, 3 runs every check inside it (spawning
 is the slow part on two cores). Every rank holds different rows and the local batch

@@ -1,4 +1,4 @@
-"""Blockwise InfoNCE kernels against the float64 reference (SPEC §3).
+"""Blockwise InfoNCE kernels against the float64 reference (conventions §3).
 
 Every kernel backend that can run here (C++ CPU in the default lane, Triton in the
 interpreter lane, Triton and CUDA on a GPU) is compared with ``sslops.reference`` in

@@ -1,6 +1,6 @@
 // Blockwise InfoNCE over a sparse relation G on the CPU: O(M·K) memory, never M×M.
 //
-// Math (SPEC §3). z is (M, K); anchors are the window rows [row_start, row_end), candidates
+// Math (conventions §3). z is (M, K); anchors are the window rows [row_start, row_end), candidates
 // all M rows. With ẑ = z / max(‖z‖, 1e-12), s_ij = ⟨ẑ_i, ẑ_j⟩, x_ij = s_ij / τ:
 //
 //   LSE_i = log Σ_{j≠i} exp(x_ij)                       (online: running max and sum)

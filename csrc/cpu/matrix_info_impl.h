@@ -11,7 +11,7 @@
 //   Dev::lincomb(out, terms, d)         out = Σ c_i T_i + d·I in one pass (T_i any strided view)
 //   Dev::rows_backward(x, G, col0, g)   dL/dx = g·(row-wise normalisation backward of G[:, col0:])
 //
-// Math (SPEC §4; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
+// Math (conventions §4; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
 //   pc, zc = centred normalised rows;  C = pcᵀzc/N, Sp = pcᵀpc/N, Sz = zcᵀzc/N
 //   Xu = C + (μ-1)I,  P = Sp + μI,  Xa = Sz + (μ-1)I
 //   U = -λ Σ_k c_k tr(Xu^k),      tr(Xu^k) = tr(Xu^a Xu^b), a = ceil(k/2), b = k - a

@@ -1,6 +1,6 @@
 r"""Custom ops of the matrix-information family: Matrix-SSL, matrix cross-entropy (and their convergence guard).
 
-One direction of Matrix-SSL (SPEC §4), rows L2-normalised, J the centring by column means,
+One direction of Matrix-SSL (conventions §4), rows L2-normalised, J the centring by column means,
 c_k = (-1)^{k+1}/k, n = ``order``:
 
 .. math::
