@@ -429,7 +429,7 @@ def vicreg_optimum(k, *, labels=None, pairs=None, num_rows=None, G=None, beta=1.
     **This is the quadratic relaxation, not the hinge loss** of :func:`sslops.vicreg_relation_loss`:
     there the variance term is a hinge relu(1 − std) (it does not push variances down to
     1) and the diagonal of Cov is not in the covariance term. The terms map as follows:
-    with the library's normalisation (α·var + β·cov + γ·inv, SPEC §1: cov divided by K, inv
+    with the library's normalisation (α·var + β·cov + γ·inv, docs/conventions.md §1: cov divided by K, inv
     the mean over nnz(G) ordered pairs and K features), the paper's unnormalised weights are
     α_paper = α/K, β_paper = β/K, γ_paper = γ·N/(nnz(G)·K), where γ_paper multiplies
     (1/N)Σ G_ij‖z_i − z_j‖² as here; so ``vicreg_optimum(beta=β/K, gamma=γ·N/(nnz·K))``

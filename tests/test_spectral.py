@@ -2,7 +2,7 @@
 
 - vicreg_optimum: L-BFGS from several random starts on random weighted G reaches the same
   loss (1e-6 relative) and the same left singular subspace; its rank follows the threshold
-  λ_j < βN/(γ(N − 1)) in γ/β, down to n_components − 1 (SPEC §8 claim 1, first half).
+  λ_j < βN/(γ(N − 1)) in γ/β, down to n_components − 1 (claim 1 of the README's seeds table, first half).
 - InfoNCE over a 4-class block G: gradient descent on sslops.info_nce_loss ends at rank 3
   with equal singular values √(N/3), the simplex of infonce_optimum, while the quadratic
   VICReg at small γ keeps rank k (claim 1, second half).
