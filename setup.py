@@ -113,6 +113,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7", "numpy", "tqdm"],
         "bench": ["tqdm", "matplotlib"],
+        "metrics": ["torchmetrics>=1.0"],
     },
     zip_safe=False,
 )

@@ -3,7 +3,8 @@
 A :class:`Case` is one loss at one shape and dtype. Each ``benchmarks/bench_<stem>.py``
 defines ``LOSSES`` (the loss names it covers) and ``cases(device, full) -> list[Case]``.
 For every case the harness runs these *providers*, each as forward + backward
-(``loss.backward()`` with respect to every floating-point input):
+(``loss.backward()`` with respect to every floating-point input; forward only for a case
+with ``backward=False``, such as the diagnostics of ``bench_metrics``):
 
 * ``sslops-<backend>`` for every backend in ``sslops.kernel_backends(loss, device)``
   (the Triton interpreter is a test tool, not a provider: ``triton`` is skipped on CPU);
@@ -104,6 +105,10 @@ class Case:
         skip_backends: ``{backend: reason}``: sslops backends not run for this case,
             recorded as skipped with the reason (e.g. a kernel known to be far too slow
             at this size to be worth the device time).
+        skip_providers: ``{provider: reason}``: the same for ``naive``, ``compile`` or an
+            ``extra`` provider (e.g. a naive route that would not fit in memory).
+        backward: False for a forward-only case (a diagnostic, not a loss): the inputs
+            get no ``requires_grad`` and the providers are timed without ``backward()``.
     """
 
     loss: str
@@ -118,6 +123,8 @@ class Case:
     name: str = ""
     compile: bool = True
     skip_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
+    skip_providers: Dict[str, str] = dataclasses.field(default_factory=dict)
+    backward: bool = True
 
     def __post_init__(self):
         if not self.name:
@@ -429,14 +436,15 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
         out.append(("compile", None, "compile not run at this size on this device (Case.compile=False)"))
     for name, fn in case.extra.items():
         out.append((name, fn, None))
-    return out
+    return [(name, None, case.skip_providers[name]) if name in case.skip_providers else (name, fn, why)
+            for name, fn, why in out]
 
 
 def _prepare(case: Case, device: torch.device):
     inputs = case.make_inputs(device)
     prepared = []
     for t in inputs:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and case.backward:
             t = t.detach().requires_grad_(True)
         prepared.append(t)
     leaves = [t for t in prepared if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -453,7 +461,8 @@ def _make_step(fn, inputs, leaves):
         for t in leaves:
             t.grad = None
         loss = fn(*inputs)
-        loss.backward()
+        if leaves:  # forward-only cases (Case.backward False) have no leaves
+            loss.backward()
         return loss
 
     return step

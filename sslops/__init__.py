@@ -23,6 +23,7 @@ from .functional import (
     vicreg_relation_loss,
 )
 from . import nn  # noqa: E402
+from . import metrics  # noqa: E402  (diagnostics; the streaming ones load torchmetrics lazily)
 
 __all__ = [
     "__version__",
@@ -39,5 +40,6 @@ __all__ = [
     "matrix_cross_entropy",
     "matrix_ssl_loss",
     "nn",
+    "metrics",
     "reference",
 ]
