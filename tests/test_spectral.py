@@ -298,7 +298,7 @@ def test_reconstruction_optimum_matches_gradient_descent(lam):
     xc, yt = x - x.mean(dim=0), torch.nn.functional.one_hot(y, c).double()
     assert math.isclose(float(_reconstruction_loss(xc, yt, opt.encoder, opt.head, opt.decoder, lam)), opt.loss, rel_tol=1e-10)
     params = [(0.3 * torch.randn(*shape, generator=g, dtype=F64)).requires_grad_() for shape in ((d, k), (k, c), (k, d))]
-    found = _descend(lambda: _reconstruction_loss(xc, yt, *params, lam), params, lr=2e-3 / (1 + lam), steps=6000)
+    found = _descend(lambda: _reconstruction_loss(xc, yt, *params, lam), params, lr=2e-3 / (1 + lam), steps=1500)
     assert abs(found - opt.loss) <= 1e-6 * opt.loss, (found, opt.loss)
     assert found >= opt.loss * (1 - 1e-9)
     assert (_projector(xc @ params[0].detach(), k) - _projector(xc @ opt.encoder, k)).norm() < 1e-4
@@ -343,7 +343,7 @@ def test_denoising_optimum_matches_gradient_descent_and_sampled_masks():
     assert float((cov_sampled - cov).abs().max()) < 0.02 * float(gram.abs().max())
     assert math.isclose(float(_expected_denoising_loss(xc, opt.encoder, opt.decoder, 1 - p, cov)), opt.loss, rel_tol=1e-10)
     params = [(0.1 * torch.randn(*shape, generator=g, dtype=F64)).requires_grad_() for shape in ((h * w, k), (k, h * w))]
-    found = _descend(lambda: _expected_denoising_loss(xc, *params, 1 - p, cov), params, lr=1e-3, steps=4000)
+    found = _descend(lambda: _expected_denoising_loss(xc, *params, 1 - p, cov), params, lr=1e-3, steps=2000)
     assert abs(found - opt.loss) <= 1e-6 * opt.loss, (found, opt.loss)
 
 
