@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sslops
-from sslops import spectral
+from sslops import metrics, spectral
 
 F64 = torch.float64
 
@@ -356,6 +356,12 @@ def test_gaussian_denoising_keeps_the_principal_directions():
         v = spectral.denoising_optimum(x, 4, noise_std=sigma).encoder
         cos = torch.nn.functional.normalize(v, dim=0).T @ pca
         torch.testing.assert_close(cos.abs(), torch.eye(4, dtype=F64), atol=1e-8, rtol=0)  # same directions, same order
+    # so the alignment of the encoder with labels is exactly that of the principal directions
+    y = torch.randint(0, 3, (80,), generator=g)
+    plain = metrics.alignment(x, y)
+    for sigma in (0.1, 2.0, 30.0):
+        v = spectral.denoising_optimum(x, 7, noise_std=sigma).encoder
+        assert float((metrics.alignment(x, y, directions=v) - plain).abs().max()) < 1e-6
     # masking with p = 0 is the plain auto-encoder (PCA)
     v = spectral.denoising_optimum(x, 4, mask_prob=0.0).encoder
     assert (_projector(xc @ v) - _projector(xc @ pca)).norm() < 1e-8
