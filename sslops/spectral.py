@@ -677,7 +677,9 @@ def denoising_optimum(x, k, *, noise_std=None, mask_prob=None, patch=None, image
         noise_std: σ >= 0, or
         mask_prob: p in [0, 1), with
         patch: the block side P >= 1 (default 1, pixel masking) and
-        image_shape: (H, W) or (C, H, W), needed when P > 1; P must divide H and W.
+        image_shape: (H, W) or (C, H, W), needed when P > 1; P must divide H and W. Give it
+            for C > 1 channels also at P = 1, so that a pixel's channels drop together;
+            without it every column of x drops on its own.
     Returns:
         :class:`DenoisingOptimum` (encoder V, decoder Z, eigenvalues, loss).
     Raises:
