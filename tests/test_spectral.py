@@ -338,6 +338,8 @@ def test_denoising_optimum_matches_gradient_descent_and_sampled_masks():
     masks = blocks.repeat_interleave(patch, 1).repeat_interleave(patch, 2).reshape(20000, h * w).double()
     cov_sampled = (xc.T @ xc) * (masks.T @ masks / 20000)
     same = spectral._same_patch((h, w), patch, h * w)
+    channels = spectral._same_patch((2, h, w), patch, 2 * h * w)  # (C, H, W): a block holds all channels
+    assert channels[0, h * w + w + 1] and not channels[0, h * w + 2] and int(channels.sum(1)[0]) == 2 * patch * patch
     gram = xc.T @ xc
     cov = (1 - p) ** 2 * gram + p * (1 - p) * torch.where(same, gram, torch.zeros_like(gram))
     assert float((cov_sampled - cov).abs().max()) < 0.02 * float(gram.abs().max())
