@@ -2,7 +2,8 @@
 
 Two small encoders learn from two augmented views of scikit-learn's digits (a synthetic
 10-class mixture of the same shape when scikit-learn is not installed): one with VICReg,
-one with the invariance term alone, which has a collapsed solution. Every step logs, for
+one with the negative cosine similarity of the views alone (SimSiam without its predictor
+and stop-gradient), which collapses within a few dozen steps. Every step logs, for
 each, the RankMe of the batch (``sslops.metrics.rankme``: one K×K Gram and a K×K
 ``eigvalsh``, no SVD), SimSiam's ``std_of_l2_normalized`` and, with torchmetrics, the
 streaming ``RankMe`` / ``LiDAR`` over all rows since the last ``reset`` (here: every
@@ -75,7 +76,8 @@ def objective(name, z, batch_size):
     z_a, z_b = z[:batch_size], z[batch_size:]
     if name == "vicreg":
         return sslops.vicreg_loss(z_a, z_b)
-    return torch.nn.functional.mse_loss(z_a, z_b)  # invariance alone: collapse is a minimiser
+    # SimSiam without its stop-gradient and predictor: the collapsed constant is a minimiser
+    return -torch.nn.functional.cosine_similarity(z_a, z_b).mean()
 
 
 def streaming_metrics(k):
@@ -89,13 +91,15 @@ def streaming_metrics(k):
 def train_plain(args, x):
     """An ordinary loop: log per step, compute/reset the streaming metrics per "epoch"."""
     runs = {}
-    for name in ("vicreg", "invariance"):
+    for name in ("vicreg", "collapsing"):
         torch.manual_seed(0)
         model = encoder(args.embed)
         runs[name] = (model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), streaming_metrics(args.embed))
     if runs["vicreg"][2] is None:
-        print("torchmetrics not installed: the streaming RankMe/LiDAR columns are skipped (pip install \"sslops[metrics]\")")
-    print(f"{'step':>5} {'loss':>10} | {'rankme':>7} {'std·√K':>7} {'RankMe':>7} {'LiDAR':>7}  (vicreg | invariance only)")
+        print("torchmetrics not installed: the streaming RankMe/LiDAR columns stay empty (pip install \"sslops[metrics]\")")
+    columns = f"{'loss':>8} {'rankme':>7} {'std·√K':>7} {'RankMe*':>7} {'LiDAR*':>7}"
+    print(f"{'':8} | {'VICReg':^40} | {'-cos(z_a, z_b) (collapses)':^40}")
+    print(f"{'':8} | {columns} | {columns}")
     for step, (views, groups) in enumerate(batches(x, args.batch_size, args.steps), 1):
         cells = []
         for name, (model, opt, streaming) in runs.items():
@@ -105,19 +109,20 @@ def train_plain(args, x):
             loss.backward()
             opt.step()
             z = z.detach()
-            row = [float(loss), float(metrics.rankme(z)), float(metrics.std_of_l2_normalized(z)) * args.embed ** 0.5]
+            cell = f"{float(loss.detach()):8.4f} {float(metrics.rankme(z)):7.2f} {float(metrics.std_of_l2_normalized(z)) * args.embed ** 0.5:7.3f}"
             if streaming is not None:
                 streaming["RankMe"].update(z)  # no host sync: fine every step
                 streaming["LiDAR"].update(z, groups)
-                if step % args.epoch_steps == 0 or step == args.steps:
-                    row += [float(streaming["RankMe"].compute()), float(streaming["LiDAR"].compute())]
-                    for metric in streaming.values():
-                        metric.reset()
-            cells.append(row)
-        def fmt(row):
-            extra = "".join(f" {v:7.2f}" for v in row[3:]) if len(row) > 3 else " " * 16
-            return f"{row[0]:10.4f} | {row[1]:7.2f} {row[2]:7.3f}{extra}"
-        print(f"{step:5d} {fmt(cells[0])}   ||  {fmt(cells[1])}")
+            if streaming is not None and (step % args.epoch_steps == 0 or step == args.steps):
+                cell += f" {float(streaming['RankMe'].compute()):7.2f} {float(streaming['LiDAR'].compute()):7.2f}"
+                for metric in streaming.values():
+                    metric.reset()
+            else:
+                cell += " " * 16
+            cells.append(cell)
+        print(f"step {step:3d} | {cells[0]} | {cells[1]}")
+    print(f"rankme, std·√K: this batch (sslops.metrics.rankme, std_of_l2_normalized); RankMe*, LiDAR*: "
+          f"streaming over every row since the last reset (every {args.epoch_steps} steps)")
 
 
 def train_lightning(args, x):

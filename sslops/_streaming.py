@@ -54,16 +54,13 @@ class _StreamingMetric(Metric):
         self.num_features = num_features
 
     def _sum_state(self, name, *shape):
-        self.add_state(name, default=torch.zeros(*shape, dtype=F64), dist_reduce_fx="sum")
+        self.add_state(name, default=torch.zeros(shape, dtype=F64), dist_reduce_fx="sum")
 
-    def _batch(self, z, min_rows=1, why=""):
-        V.check_embedding("z", z, min_rows=min_rows, why_rows=why)
+    def _batch(self, z):
+        V.check_embedding("z", z)
         if z.shape[1] != self.num_features:
             raise ValueError(f"z must have {self.num_features} columns (num_features), got shape {tuple(z.shape)}")
-        home = self.count.device if hasattr(self, "count") else self.rows.device
-        if z.device != home:
-            z = z.to(home)  # states stay where they are (float64 cannot live on MPS)
-        return z
+        return z.to(self.device)  # the states' device (float64 states cannot live on MPS: keep them on the CPU)
 
 
 class _GramMetric(_StreamingMetric):

@@ -63,9 +63,9 @@ __all__ = [
 ]  # and RankMe, EffectiveRank, LiDAR (loaded on first use: they need torchmetrics)
 
 F64 = torch.float64
-# Elements of one block of rows multiplied at once (16 MB in fp32): bounds the memory
-# above the input without changing the result.
-_BLOCK_ELEMENTS = 1 << 22
+# Elements of one block of rows multiplied at once (4 MB in fp32; at least K rows, see
+# _row_blocks): bounds the memory above the input without changing the result.
+_BLOCK_ELEMENTS = 1 << 20
 _STREAMING = ("RankMe", "EffectiveRank", "LiDAR")
 
 
@@ -91,22 +91,25 @@ def _computable(t):
 
 
 def _row_blocks(n, k):
-    step = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    """[(start, stop)] over n rows of width k: about _BLOCK_ELEMENTS elements, and at least k
+    rows (a block then costs no more memory than the K×K sums, and the float64 addition of
+    each block's K×K product stays small against the product itself)."""
+    step = max(1, _BLOCK_ELEMENTS // max(k, 1), k)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
-def block_gram(c):
+def block_gram(c, owned=False):
     """cᵀc in float64 for a block ``c`` in the product dtype.
 
     The block is scaled by an exact power of two first (its largest entry into [0.5, 1)),
     so no product overflows or underflows whatever the scale of the input; NaN or Inf in
-    ``c`` gives non-finite entries.
+    ``c`` gives non-finite entries. ``owned``: ``c`` is a temporary, scaled in place.
     """
     _, exponent = torch.frexp(c.abs().amax())
-    one = torch.ones((), dtype=c.dtype, device=c.device)
-    scaled = c * torch.ldexp(one, -exponent)
+    scale = torch.ldexp(torch.ones((), dtype=c.dtype, device=c.device), -exponent)
+    c = c.mul_(scale) if owned else c * scale
     back = torch.ldexp(torch.ones((), dtype=F64, device=c.device), exponent)
-    return (scaled.T @ scaled).to(F64) * (back * back)
+    return (c.T @ c).to(F64).mul_(back * back)
 
 
 class Moments(NamedTuple):
@@ -129,7 +132,7 @@ class Moments(NamedTuple):
         """Σ x xᵀ (K, K), or with ``center`` the scatter Σ (x − x̄)(x − x̄)ᵀ."""
         gram = self.within + self.between
         if center:
-            gram = gram - torch.outer(self.total, self.total) / self.count.clamp_min(1.0)
+            gram.sub_(torch.outer(self.total / self.count.clamp_min(1.0), self.total))
         return gram
 
     def floor(self):
@@ -146,16 +149,18 @@ def row_moments(x):
     within = torch.zeros(k, k, dtype=F64, device=x.device)
     between = torch.zeros(k, k, dtype=F64, device=x.device)
     for start, stop in _row_blocks(n, k):
-        block = x[start:stop]
+        block = x[start:stop].to(pdt)
         rows = stop - start
-        s = block.sum(dim=0, dtype=F64)
-        shift = (s / rows).to(pdt)
-        within += block_gram(block.to(pdt) - shift)
+        shift = block.mean(dim=0)
+        shifted = block - shift
         c = shift.to(F64)
-        cs = torch.outer(c, s)
-        between += cs + cs.T - rows * torch.outer(c, c)
+        # Σ rows = n·c + Σ (rows − c): the small shifted values summed in the product dtype
+        # (a float64 sum of the block would copy it whole)
+        s = rows * c + shifted.sum(dim=0).to(F64)
+        within += block_gram(shifted, owned=True)
+        between.addr_(c, s).addr_(s, c).addr_(c, c, alpha=-rows)
         total += s
-    count = torch.tensor(float(n), dtype=F64, device=x.device)
+    count = torch.full((), float(n), dtype=F64, device=x.device)
     return Moments(count, total, within, between, unit_roundoff(x.dtype) * within.diagonal().sum())
 
 
@@ -169,7 +174,7 @@ def _wide_gram(x, center):
         cols = x[:, start:stop]
         if center:
             cols = cols.to(F64) - mean[start:stop]
-        gram += block_gram(cols.to(pdt).T)
+        gram += block_gram(cols.to(pdt).T, owned=center or x.dtype != pdt)
     trace = gram.diagonal().sum()
     return gram, (unit_roundoff(x.dtype) + n * U64) * trace
 
@@ -187,11 +192,10 @@ def small_gram(x, center=False):
     return moments.gram(center), moments.floor()
 
 
-def _finite_or_identity(m):
-    """(m with non-finite entries replaced by I, a 0-dim "was finite" flag): no host sync."""
+def _finite_or_ones(m):
+    """(m, or all ones if m holds NaN/Inf; a 0-dim "was finite" flag): no host sync."""
     ok = torch.isfinite(m).all()
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    return torch.where(ok, m, eye), ok
+    return torch.where(ok, m, torch.ones((), dtype=m.dtype, device=m.device)), ok
 
 
 def gram_eigenvalues(gram, floor):
@@ -202,7 +206,7 @@ def gram_eigenvalues(gram, floor):
     dummy values and ``finite`` False, for the caller to turn into NaN (never a
     linear-algebra error; no host sync).
     """
-    safe, finite = _finite_or_identity(gram)
+    safe, finite = _finite_or_ones(gram)
     w = torch.linalg.eigvalsh(safe).flip(0)
     return torch.where(w > floor, w, torch.zeros_like(w)), finite
 
@@ -282,8 +286,9 @@ def rankme(z, *, eps=1e-7, center=False):
     eps = 0), K for isotropic embeddings, near 1 for collapsed ones. Uncentred, as in the
     paper; ``center=True`` subtracts the column means first. The paper's eps is 1e-7;
     stable-pretraining's RankMe callback uses 1e-5 (``rankme(z, eps=1e-5)`` gives its
-    number, up to its SVD's rounding). reptrix's "RankMe" normalises σ² instead of σ: it
-    is :func:`effective_rank` of zᵀz, not RankMe.
+    number, up to its SVD's rounding). reptrix's "RankMe" takes the PCA spectrum, σ² of the
+    centred z: it is ``effective_rank(torch.cov(z.T), eps=1e-7)`` (K ≤ 2048), a smaller
+    number (see :func:`effective_rank`), not RankMe.
 
     Cost: σ² are the eigenvalues of the smaller Gram matrix (module docstring): one pass
     of N·K² multiply-adds in float32 (float64 for float64 input) and one min(N, K)²
@@ -341,7 +346,7 @@ def effective_rank(a, *, eps=0.0):
     m, n = a.shape
     if m != n:
         return singular_value_rank(*small_gram(a), min(m, n), float(eps))
-    safe, finite = _finite_or_identity(a.to(F64))
+    safe, finite = _finite_or_ones(a.to(F64))
     return _nan_unless(finite, entropy_rank(torch.linalg.svdvals(safe), float(eps)))
 
 
@@ -383,7 +388,7 @@ def lidar_moments(z, groups):
     means = sums / counts.clamp_min(1.0).unsqueeze(1)
     residual = torch.zeros(k, k, dtype=F64, device=z.device)
     for start, stop in _row_blocks(n, k):
-        residual += block_gram((z[start:stop].to(F64) - means[slot[start:stop]]).to(pdt))
+        residual += block_gram((z[start:stop].to(F64) - means[slot[start:stop]]).to(pdt), owned=True)
     sources = used.sum().to(F64)
     # moments of the source means (float64 rows; unused slots are zero rows, taken out exactly)
     mean_total = means.sum(dim=0)
@@ -391,7 +396,7 @@ def lidar_moments(z, groups):
     centred = torch.where(used.unsqueeze(1), means - shift, torch.zeros_like(means))
     cs = torch.outer(shift, mean_total)
     return {
-        "rows": torch.tensor(float(n), dtype=F64, device=z.device),
+        "rows": torch.full((), float(n), dtype=F64, device=z.device),
         "sources": sources,
         "singletons": (counts == 1).sum().to(F64),
         "residual": residual,
@@ -409,8 +414,8 @@ def lidar_from_moments(m, delta, eps):
     sigma_w = m["residual"] / (m["rows"] - n).clamp_min(1.0) + delta * eye
     between = m["mean_within"] + m["mean_between"] - torch.outer(m["mean_total"], m["mean_total"]) / n.clamp_min(1.0)
     sigma_b = between / (n - 1.0).clamp_min(1.0)
-    sigma_w, finite_w = _finite_or_identity(sigma_w)
-    sigma_b, finite_b = _finite_or_identity(sigma_b)
+    sigma_w, finite_w = _finite_or_ones(sigma_w)
+    sigma_b, finite_b = _finite_or_ones(sigma_b)
     # Σ_w^{-1/2} from its eigendecomposition (eigenvalues clamped at δ: Σ_w - δI is PSD)
     w, v = torch.linalg.eigh(sigma_w)
     root = v * w.clamp_min(delta).rsqrt()
@@ -743,7 +748,7 @@ def redundancy(features, y, s):
     features, y = _computable(features), _computable(y)
     kind, t, _ = _targets(y, n, features.device)
     yx, yy = target_products(y, features)
-    coef = torch.linalg.pinv(_finite_or_identity(yy)[0], hermitian=True) @ yx  # (C, d)
+    coef = torch.linalg.pinv(_finite_or_ones(yy)[0], hermitian=True) @ yx  # (C, d)
     pdt = product_dtype(features.dtype)
     gram = torch.zeros(d, d, dtype=F64, device=features.device)
     for start, stop in _row_blocks(n, d):
@@ -751,7 +756,7 @@ def redundancy(features, y, s):
             fitted = coef[t[start:stop]]
         else:
             fitted = t[start:stop].to(F64) @ coef
-        gram += block_gram((features[start:stop].to(F64) - fitted).to(pdt))
+        gram += block_gram((features[start:stop].to(F64) - fitted).to(pdt), owned=True)
     finite = torch.isfinite(yy).all() & torch.isfinite(yx).all()
     floor = (unit_roundoff(features.dtype) + d * U64) * gram.diagonal().sum()
     w, finite_gram = gram_eigenvalues(gram / n, floor / n)
