@@ -254,7 +254,7 @@ def print_table(results):
         print(f"{name:<16} {r['probe']:15.1f}% {r['knn']:14.1f}% {r['rankme']:7.2f} {timing}")
 
 
-def plot(curves, baseline, out):
+def plot(curves, baseline, out, pixels=None):
     try:
         import matplotlib
 
@@ -269,6 +269,8 @@ def plot(curves, baseline, out):
             if curve:
                 ax.plot([s for s, _ in curve], [m[key] for _, m in curve], "-o", ms=3, label=name)
         ax.axhline(baseline[key], color="grey", ls=":", label="random encoder")
+        if pixels is not None and key != "rankme":
+            ax.axhline(pixels[key], color="black", ls="--", lw=0.8, label="raw pixels")
         ax.set(xlabel="step", title=title)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -296,7 +298,7 @@ def main(argv=None):
     cpu = "C++ CPU kernels" if sslops.backends()["cpu"]["available"] else "the PyTorch reference (no C++ extension)"
     print(f"total {time.perf_counter() - start:.0f} s on {args.threads} thread(s); losses ran on {cpu}")
     if args.plot:
-        plot(curves, results["random encoder"], args.out)
+        plot(curves, results["random encoder"], args.out, pixels=results["pixels"])
 
 
 if __name__ == "__main__":
