@@ -24,6 +24,7 @@ from .functional import (
 )
 from . import nn  # noqa: E402
 from . import metrics  # noqa: E402  (diagnostics; the streaming ones load torchmetrics lazily)
+from . import spectral, toy  # noqa: E402  (the papers' closed-form optima and toy data)
 
 __all__ = [
     "__version__",
@@ -41,5 +42,7 @@ __all__ = [
     "matrix_ssl_loss",
     "nn",
     "metrics",
+    "spectral",
+    "toy",
     "reference",
 ]
