@@ -23,6 +23,7 @@ For W = 1 the public functions run the single-process path, so the checks call
 """
 
 import functools
+import gc
 import os
 import socket
 import subprocess
@@ -40,6 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sslops
 from sslops import distributed as sd
+
+if dist.is_available():
+    # before any init_process_group: see examples/ddp_train.py (this module's import binds no group)
+    import torch.distributed.nn.functional  # noqa: F401
 
 pytestmark = pytest.mark.distributed
 
@@ -61,15 +66,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _gloo_threads():
+    """Names of this process's gloo threads (Linux; [] elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                names.append(fh.read().strip())
+        except OSError:
+            continue
+    return [name for name in names if "gloo" in name]
+
+
 def _worker(rank, world, port, check):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         check(rank, world)
-        dist.barrier()
+        dist.barrier()  # no rank leaves while a peer still sends
     finally:
+        gc.collect()  # the checks' DDP modules (their reducers hold the process group) are gone
         dist.destroy_process_group()
+    # the examples/ddp_train.py teardown (issue 12): the group's destructor has joined gloo's
+    # threads, none is left to touch Python objects while the interpreter shuts down
+    assert not _gloo_threads(), f"gloo threads outlive destroy_process_group: {_gloo_threads()}"
 
 
 def _spawn(world, check, monkeypatch):
@@ -627,10 +652,25 @@ def test_no_process_group_is_single_process():
         _close(fn(*args, gather=True, **kw), fn(*args, gather=False, **kw), fn.__name__)
 
 
-def test_ddp_example_runs_under_torchrun():
+_EXAMPLE_WRAPPER = """
+import runpy, sys
+example, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(example, run_name="__main__")
+sys.path.insert(0, {tests!r})
+from test_distributed import _gloo_threads  # imported only now: it imports torch.distributed.nn.functional
+if _gloo_threads():
+    sys.exit(f"gloo threads outlive the example's main(): {{_gloo_threads()}}")
+"""
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    """The README's torchrun command exits 0, and its teardown leaves no gloo thread running
+    into interpreter shutdown (the cause of issue 12's SIGABRTs; examples/stress_ddp.sh reruns it)."""
+    wrapper = tmp_path / "run_example.py"
+    wrapper.write_text(_EXAMPLE_WRAPPER.format(tests=str(ROOT / "tests")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(wrapper),
            str(ROOT / "examples" / "ddp_train.py"), "--steps", "3", "--batch-size", "8"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
