@@ -1,4 +1,4 @@
-"""gather=True under torch.distributed (SPEC §5), with the gloo backend on 127.0.0.1.
+"""gather=True under torch.distributed, with the gloo backend on 127.0.0.1.
 
 One spawned process group per world size W = 1, 2, 3 runs every check inside it (spawning
 is the slow part on two cores). Every rank holds different rows and the local batch
@@ -6,17 +6,27 @@ sizes differ; each rank also builds the global batch (the concatenation in rank 
 and computes the single-process float64 reference on it, then checks, per loss:
 
 * the mean over ranks of the per-rank loss equals the single-process loss (and, for the
-  covariance-type losses and Matrix-SSL, every rank's loss equals it);
+  covariance-type losses other than two-view VICReg, and Matrix-SSL, every rank's loss
+  equals it);
 * with the loss scaled by 0.7 before backward, z.grad on rank r equals
   0.7·W·∂L_global/∂z on rank r's rows;
-* the same with the padded reduce-scatter row-gradient path NCCL takes; strided inputs;
-  fp32/bf16 inputs (fp32 loss, gradients in the input dtype); fp32 rows whose mean is
-  300 standard deviations (the two-stage centring keeps fp32 accuracy where
-  Σzᵀz - Nμμᵀ would not);
+* for VICReg, VICReg over G (labels, pairs, no pairs) and Barlow Twins along both forward
+  paths (gather="rows", gather="sums") and the automatic choice (gather=True); strided
+  inputs; fp32/bf16 inputs (fp32 loss, gradients in the input dtype); fp32 rows whose mean
+  is 300 standard deviations; the padded reduce-scatter row-gradient path NCCL takes for
+  InfoNCE's per-rank anchors;
+* the rows path runs the op layer's fused kernel (sslops::vicreg_fwd, ...) on the global
+  batch, forward and backward, and the sums path none (seen by a dispatch mode);
+* at W = 2, the bytes each call hands to the collectives (the torch.distributed functions
+  wrapped and counted) at (N_global, K) = (256, 4096) and (8192, 128): no backward
+  collective for the covariance-type losses and Matrix-SSL, each path's bytes equal to
+  sslops.distributed's cost model, the automatic choice never moving more than the other;
 * the layout checks raise the same clear error on every rank (K or dtype mismatch,
-  invalid labels on one rank, pairs outside the global range) and leave the group usable;
-* a tiny encoder trained a few steps under DistributedDataParallel ends with the same
-  parameters as single-process training on the global batch.
+  invalid labels on one rank, pairs outside the global range, different paths asked for)
+  and leave the group usable;
+* a tiny encoder trained a few steps under DistributedDataParallel, along each path, ends
+  with the same parameters as single-process training on the global batch;
+* after the teardown no gloo thread is left (the order of examples/ddp_train.py).
 
 For W = 1 the public functions run the single-process path, so the checks call
 ``sslops.distributed`` directly there (a one-rank group through the collectives).
@@ -29,7 +39,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -240,7 +249,6 @@ def _check_covariance_losses(rank, world, sizes, path):
 def _check_every_loss(rank, world):
     sizes = SIZES[world]
     n = sum(sizes)
-    rows = _rows(world, sizes, rank)
     za, zb, labels, p, q = _data(n, seed=100 + world)
     pairs = _pairs(n, seed=200 + world)
     api = _public_or_direct(world)
@@ -301,29 +309,43 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _check_fused_kernel_on_rows_path(rank, world, sizes, za, zb, labels):
-    """gather="rows" runs the op layer's fused kernel (the C++ CPU one) on the global batch,
-    forward and backward; gather="sums" runs none (plain matmuls on the local rows)."""
+def _check_fused_kernel_on_rows_path(rank, world, sizes, za, zb, labels, backend="cpu", dtype=F64, tol=1e-10):
+    """gather="rows" runs the op layer's fused kernel of ``backend`` on the global batch, forward
+    and backward, with the single-process float64 numbers; gather="sums" runs none (plain
+    matmuls on the local rows)."""
     n = sum(sizes)
     rows = _rows(world, sizes, rank)
-    cases = (("vicreg", lambda a, b, path: sd.vicreg_loss(a, b, gather=path, backend="cpu"), ("sslops::vicreg_fwd", "sslops::vicreg_bwd")),
-             ("barlow_twins", lambda a, b, path: sd.barlow_twins_loss(a, b, gather=path, backend="cpu"),
+    cases = (("vicreg", lambda a, b, **kw: sd.vicreg_loss(a, b, **kw), ("sslops::vicreg_fwd", "sslops::vicreg_bwd")),
+             ("barlow_twins", lambda a, b, **kw: sd.barlow_twins_loss(a, b, **kw),
               ("sslops::barlow_twins_fwd", "sslops::barlow_twins_bwd")),
-             ("vicreg_relation", lambda a, b, path: sd.vicreg_relation_loss(a, labels=labels[rows], gather=path, backend="cpu"),
+             ("vicreg_relation", lambda a, b, **kw: sd.vicreg_relation_loss(a, labels=labels[rows], **kw),
               ("sslops::vicreg_varcov_fwd", "sslops::vicreg_varcov_bwd")))
     for name, fn, (fwd, bwd) in cases:
-        if "cpu" not in sslops.kernel_backends(name, "cpu"):
-            pytest.skip("the C++ CPU kernels are not built")
+        if backend not in sslops.kernel_backends(name, "cpu"):
+            pytest.skip(f"no {backend} kernels here")
         for path in ("rows", "sums"):
-            a, b = za[rows].clone().requires_grad_(), zb[rows].clone().requires_grad_()
+            a, b = za[rows].to(dtype).requires_grad_(), zb[rows].to(dtype).requires_grad_()
             with _OpLog() as log:
-                fn(a, b, path).backward()
+                loss = fn(a, b, gather=path, backend=backend)
+                (loss * 0.7).backward()
             called = {c[0]: c[1] for c in log.calls}
             if path == "rows":
                 assert called.get(fwd) == (n, K) and called.get(bwd) == (n, K), (name, rank, log.calls)
-                assert all(c[2][-3 if c[0] == fwd else -2] == "cpu" for c in log.calls if c[0] in (fwd, bwd)), (name, log.calls)
+                assert all(c[2][-3 if c[0] == fwd else -2] == backend for c in log.calls if c[0] in (fwd, bwd)), (name, log.calls)
             else:
                 assert fwd not in called and bwd not in called, (name, path, log.calls)
+            # the same numbers as the float64 single process on the same (rounded) values
+            a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+            ref = fn(a64, b64, gather=path, backend="reference")
+            (ref * 0.7).backward()
+            _close(loss, ref, f"{name} {path} {backend}", tol=tol)
+            _close(a.grad, a64.grad, f"{name} {path} {backend} grad", tol=tol)
+
+
+def _check_triton_rows_path(rank, world):
+    sizes = SIZES[world]
+    za, zb, labels, _, _ = _data(sum(sizes), seed=400 + world)
+    _check_fused_kernel_on_rows_path(rank, world, sizes, za, zb, labels, backend="triton", dtype=torch.float32, tol=1e-4)
 
 
 def _check_padded_reduce_scatter(rank, world, sizes, za, zb, labels, api):
@@ -640,6 +662,14 @@ def _check_traffic(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_gather_matches_single_process(world, monkeypatch):
     _spawn(world, _check_every_loss, monkeypatch)
+
+
+@pytest.mark.triton
+def test_rows_path_runs_the_triton_kernels(monkeypatch):
+    """The rows path on the Triton backend (the interpreter lane: TRITON_INTERPRET=1, CPU tensors)."""
+    if "triton" not in sslops.kernel_backends("vicreg", "cpu"):
+        pytest.skip("the Triton kernels do not run here (TRITON_INTERPRET=1 on CPU)")
+    _spawn(2, _check_triton_rows_path, monkeypatch)
 
 
 def test_no_process_group_is_single_process():
