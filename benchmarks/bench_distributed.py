@@ -74,10 +74,15 @@ def distributed_case(loss, n_local, k, dtype=torch.float32):
 
 
 def cases(device, full):
+    """K = 4096, N_local ∈ {32, 512}; ``--full`` adds K = 512 with N_local from 128 to 2048,
+    across both paths' byte crossover (global N = 1026 for VICReg, 516 for Barlow Twins)."""
     out = []
     for loss in ("vicreg", "barlow_twins"):
         for n_local in (32, 512):
             out.append(distributed_case(loss, n_local, 4096))
+        if full:
+            for n_local in (128, 512, 2048):
+                out.append(distributed_case(loss, n_local, 512))
     return out
 
 

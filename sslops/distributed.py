@@ -440,9 +440,12 @@ class _AllReduceSame(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s):
-        out = s.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out
+        if not s.is_contiguous():
+            s = s.contiguous()
+        else:
+            ctx.mark_dirty(s)  # the callers hand a fresh temporary (the local sums): reduce it in place
+        dist.all_reduce(s)
+        return s
 
     @staticmethod
     def backward(ctx, grad):
