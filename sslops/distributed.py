@@ -156,6 +156,7 @@ from .ops import covariance as covariance_ops
 __all__ = [
     "world_size",
     "GATHER_PATHS",
+    "Traffic",
     "collective_bytes",
     "choose_path",
     "global_batch_loss",
