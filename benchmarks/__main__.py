@@ -136,7 +136,8 @@ def main(argv=None):
     started = time.monotonic()
     not_run = []
     with tqdm(total=total, desc="benchmarks", unit="provider", dynamic_ncols=True, file=sys.stderr) as bar:
-        for _, case in cases:
+        modules = bench_modules()
+        for stem, case in cases:
             if args.budget is not None and time.monotonic() - started > args.budget:
                 not_run.append(case.title)
                 continue
@@ -147,8 +148,9 @@ def main(argv=None):
 
             if device.type == "cpu":
                 bar.set_postfix_str(f"{case.title} (load {os.getloadavg()[0]:.1f})")
-            rows = common.run_case(case, device, with_compile=not args.no_compile, compile_budget=budget,
-                                   min_run_time=args.min_run_time, on_provider=advance)
+            run_case = getattr(modules[stem], "run_case", common.run_case)  # e.g. bench_distributed spawns ranks
+            rows = run_case(case, device, with_compile=not args.no_compile, compile_budget=budget,
+                            min_run_time=args.min_run_time, on_provider=advance)
             failed += sum(r.get("status") == "failed" for r in rows)
             tqdm.write("\n" + common.format_table(case, rows), file=sys.stdout)
             sys.stdout.flush()

@@ -709,6 +709,8 @@ def result_rows(case: Case, device: torch.device, rows: Sequence[dict], run_id: 
             "rel_diff_vs_naive": r.get("rel_diff_vs_naive"),
             "error": r.get("error"),
             "wall_s": r.get("wall_s"),
+            "bytes_forward": r.get("bytes_forward"),
+            "bytes_backward": r.get("bytes_backward"),
             "time_method": CUDA_TIME_METHOD if device.type == "cuda" else CPU_TIME_METHOD,
             "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
             "note": notes,
@@ -746,11 +748,17 @@ def fmt_mb(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _mb(nbytes):
+    return None if nbytes is None else nbytes / 1e6
+
+
 def format_table(case: Case, rows: Sequence[dict]) -> str:
     """A plain-text table of one case's providers."""
     has_bound = any(r.get("bound_ms") is not None for r in rows)
     has_rss = any(r.get("peak_rss_mb") is not None for r in rows)
+    has_bytes = any(r.get("bytes_forward") is not None for r in rows)
     header = ["provider", "median ms", "p20", "p80", "peak MB"] + (["RSS MB"] if has_rss else [])
+    header += ["sent MB fwd", "bwd"] if has_bytes else []
     header += ["speed-up", "mem x", "loss rel.diff"]
     if has_bound:
         header += ["bound ms", "% bound"]
@@ -760,7 +768,8 @@ def format_table(case: Case, rows: Sequence[dict]) -> str:
         ok = r.get("status") == "ok"
         cells = [r["provider"],
                  _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("p20_ms"), ".3f"), _fmt(r.get("p80_ms"), ".3f"),
-                 fmt_mb(r.get("peak_mb"))] + ([fmt_mb(r.get("peak_rss_mb"))] if has_rss else []) + [
+                 fmt_mb(r.get("peak_mb"))] + ([fmt_mb(r.get("peak_rss_mb"))] if has_rss else []) + (
+                 [fmt_mb(_mb(r.get("bytes_forward"))), fmt_mb(_mb(r.get("bytes_backward")))] if has_bytes else []) + [
                  _fmt(r.get("speedup_vs_naive"), ".2f"), _fmt(r.get("memory_ratio_vs_naive"), ".2f"),
                  _fmt(r.get("rel_diff_vs_naive"), ".1e")]
         if has_bound:
@@ -781,7 +790,8 @@ LEGEND = ("time: forward+backward per call (median, p20, p80); peak MB: peak all
           "(both > 1 = better than naive PyTorch); RSS MB (CPU) = growth of the process's peak resident "
           "memory while timing, a cross-check that also sees non-PyTorch allocations; loss rel.diff = |loss - naive loss| / |naive loss| (naive "
           "runs in the input dtype); bound ms = the case's FLOPs at the device ceiling (datasheet "
-          "peak for known GPUs, else the best measured matmul rate, or --peak-tflops), % bound = bound / median")
+          "peak for known GPUs, else the best measured matmul rate, or --peak-tflops), % bound = bound / median; "
+          "sent MB fwd/bwd (distributed cases) = bytes one rank sends to the collectives per call (ring model)")
 
 
 def is_cuda(device) -> bool:
