@@ -4,7 +4,8 @@ A :class:`Case` is one loss at one shape and dtype. Each ``benchmarks/bench_<ste
 defines ``LOSSES`` (the loss names it covers) and ``cases(device, full) -> list[Case]``.
 For every case the harness runs these *providers*, each as forward + backward
 (``loss.backward()`` with respect to every floating-point input, or to the case's
-``grad_inputs``):
+``grad_inputs``; forward only for a case with ``backward=False``, such as the diagnostics of
+``bench_metrics``):
 
 * ``sslops-<backend>`` for every backend in ``sslops.kernel_backends(loss, device)``
   (the Triton interpreter is a test tool, not a provider: ``triton`` is skipped on CPU);
@@ -108,6 +109,10 @@ class Case:
         grad_inputs: positions of the inputs that require grad (the backward differentiates
             those only, as in training where e.g. a teacher's output is detached); None:
             every floating input.
+        skip_providers: ``{provider: reason}``: the same for ``naive``, ``compile`` or an
+            ``extra`` provider (e.g. a naive route that would not fit in memory).
+        backward: False for a forward-only case (a diagnostic, not a loss): the inputs
+            get no ``requires_grad`` and the providers are timed without ``backward()``.
     """
 
     loss: str
@@ -123,6 +128,8 @@ class Case:
     compile: bool = True
     skip_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
     grad_inputs: Optional[Sequence[int]] = None
+    skip_providers: Dict[str, str] = dataclasses.field(default_factory=dict)
+    backward: bool = True
 
     def __post_init__(self):
         if not self.name:
@@ -434,14 +441,15 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
         out.append(("compile", None, "torch.compile is run on the target sizes only (compiling costs about 30 s per case on a CPU)"))
     for name, fn in case.extra.items():
         out.append((name, fn, None))
-    return out
+    return [(name, None, case.skip_providers[name]) if name in case.skip_providers else (name, fn, why)
+            for name, fn, why in out]
 
 
 def _prepare(case: Case, device: torch.device):
     inputs = case.make_inputs(device)
     prepared = []
     for i, t in enumerate(inputs):
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and case.backward:
             t = t.detach().requires_grad_(case.grad_inputs is None or i in case.grad_inputs)
         prepared.append(t)
     leaves = [t for t in prepared if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -458,7 +466,8 @@ def _make_step(fn, inputs, leaves):
         for t in leaves:
             t.grad = None
         loss = fn(*inputs)
-        loss.backward()
+        if leaves:  # forward-only cases (Case.backward False) have no leaves
+            loss.backward()
         return loss
 
     return step
@@ -705,6 +714,8 @@ def result_rows(case: Case, device: torch.device, rows: Sequence[dict], run_id: 
             "rel_diff_vs_naive": r.get("rel_diff_vs_naive"),
             "error": r.get("error"),
             "wall_s": r.get("wall_s"),
+            "bytes_forward": r.get("bytes_forward"),
+            "bytes_backward": r.get("bytes_backward"),
             "time_method": CUDA_TIME_METHOD if device.type == "cuda" else CPU_TIME_METHOD,
             "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
             "note": notes,
@@ -742,6 +753,10 @@ def fmt_mb(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _mb(nbytes):
+    return None if nbytes is None else nbytes / 1e6
+
+
 def _load_text(device_type: str) -> str:
     """``load 3.2 / 2 CPUs`` (1-minute load average against the CPUs; ``""`` where unknown)."""
     try:
@@ -776,7 +791,9 @@ def format_table(case: Case, rows: Sequence[dict], device_type: str = "cpu") -> 
         heading.append(f"FLOP bound {fmt_num(bound)} ms")
     has_bound = bound is not None
     has_rss = any(r.get("peak_rss_mb") is not None for r in rows)
+    has_bytes = any(r.get("bytes_forward") is not None for r in rows)
     header = ["provider", "ms", "p20-p80", "peak MB"] + (["RSS MB"] if has_rss else [])
+    header += ["sent MB fwd", "bwd"] if has_bytes else []
     header += ["speed-up", "mem x", "rel.diff"] + (["% bound"] if has_bound else []) + ["status"]
     body = []
     for r in rows:
@@ -784,6 +801,7 @@ def format_table(case: Case, rows: Sequence[dict], device_type: str = "cpu") -> 
         spread = "-" if r.get("p20_ms") is None else f"{fmt_num(r['p20_ms'])}-{fmt_num(r['p80_ms'])}"
         cells = [r["provider"], fmt_num(r.get("median_ms")), spread, fmt_mb(r.get("peak_mb"))]
         cells += [fmt_mb(r.get("peak_rss_mb"))] if has_rss else []
+        cells += [fmt_mb(_mb(r.get("bytes_forward"))), fmt_mb(_mb(r.get("bytes_backward")))] if has_bytes else []
         cells += [_fmt(r.get("speedup_vs_naive"), ".2f"), _fmt(r.get("memory_ratio_vs_naive"), ".2f"),
                   _fmt(r.get("rel_diff_vs_naive"), ".0e")]
         cells += [_fmt(r.get("pct_of_bound"), ".0f")] if has_bound else []
@@ -805,7 +823,8 @@ LEGEND = ("columns: ms = forward+backward per call (median; p20-p80 the spread);
           "and mem x = naive peak / provider peak (> 1 = better than naive PyTorch); rel.diff = |loss - naive "
           "loss| / |naive loss| (naive runs in the input dtype); % bound = the case's FLOP bound (its FLOPs at "
           "the device ceiling: datasheet peak for known GPUs, else the best measured matmul rate, or "
-          "--peak-tflops) / median; [n] = footnote under the table")
+          "--peak-tflops) / median; sent MB fwd/bwd (distributed cases) = bytes one rank sends to the "
+          "collectives per call (ring model); [n] = footnote under the table")
 
 
 def is_cuda(device) -> bool:

@@ -23,6 +23,8 @@ from .functional import (
     vicreg_relation_loss,
 )
 from . import nn  # noqa: E402
+from . import metrics  # noqa: E402  (diagnostics; the streaming ones load torchmetrics lazily)
+from . import spectral, toy  # noqa: E402  (the papers' closed-form optima and toy data)
 
 __all__ = [
     "__version__",
@@ -39,5 +41,8 @@ __all__ = [
     "matrix_cross_entropy",
     "matrix_ssl_loss",
     "nn",
+    "metrics",
+    "spectral",
+    "toy",
     "reference",
 ]

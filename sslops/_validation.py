@@ -1,4 +1,4 @@
-"""Input policy (SPEC §6): bad input raises ``ValueError``/``TypeError`` naming the argument.
+"""Input policy (conventions §6): bad input raises ``ValueError``/``TypeError`` naming the argument.
 
 Every check here reads only metadata (shape, dtype, device) except :func:`check_pairs`,
 which reads the index range once per call (the CSR build needs the sizes anyway; under

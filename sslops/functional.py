@@ -1,6 +1,6 @@
 r"""The public losses: validation, backend choice, and the signatures users call.
 
-Every function here checks its inputs (SPEC §6: a ``ValueError``/``TypeError`` that names
+Every function here checks its inputs (conventions §6: a ``ValueError``/``TypeError`` that names
 the argument), picks a backend (:mod:`sslops._backend`), and runs either a fused kernel
 (registered by ``sslops/ops/<stem>.py``) or the pure-PyTorch reference.
 
@@ -10,7 +10,7 @@ Conventions shared by every loss:
   inputs), the loss comes back as fp32 (fp64 for fp64 inputs) and gradients in the
   input's dtype;
 * ``gather=True`` computes the loss over the global batch of all ranks of the default
-  ``torch.distributed`` process group with the gradient contract of SPEC §5
+  ``torch.distributed`` process group with the gradient contract of conventions §5
   (:mod:`sslops.distributed`); with no process group, or one rank, it is the
   single-process loss, so one script runs on one device and on many;
 * ``backend`` is ``"auto" | "triton" | "cuda" | "cpu" | "reference"`` (or the
@@ -18,11 +18,12 @@ Conventions shared by every loss:
 """
 
 import contextlib
+import functools
 import math
 
 import torch
 
-from . import _backend, distributed, reference
+from . import _autocast, _backend, distributed, reference
 from . import _validation as V
 from .ops._first_order import no_func_transform
 
@@ -53,14 +54,13 @@ _PUBLIC_NAMES = {"vicreg": "vicreg_loss", "vicreg_relation": "vicreg_relation_lo
 
 
 def _run(loss, backend, tensors, params, reference_fn):
-    """Run ``loss`` on the resolved backend; the reference runs in fp32 (fp64 for fp64)."""
-    lead = tensors[0]
-    name = _backend.resolve(loss, backend, lead.device, tuple(t.shape for t in tensors if isinstance(t, torch.Tensor)))
+    """:func:`sslops._backend.run` (the resolved backend's kernel, or the reference in fp32,
+    fp64 for fp64), with a fused kernel first checked by :func:`_kernel`."""
+    shapes = tuple(t.shape for t in tensors if isinstance(t, torch.Tensor))
+    name = _backend.resolve(loss, backend, tensors[0].device, shapes)
     if name != "reference":
         return _kernel(loss, name)(*tensors, **params)
-    wide = _compute_dtype(lead.dtype)
-    cast = [t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
-    return reference_fn(*cast, **params)
+    return _backend.run(loss, "reference", tensors, params, reference_fn)
 
 
 def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
@@ -77,7 +77,9 @@ def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
     return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
-def _gathering(gather):
+def _gathering(gather, loss):
+    """Whether ``gather`` asks for the global batch here; a string must name a path ``loss`` has."""
+    distributed.check_gather(gather, loss)
     return bool(gather) and distributed.world_size() > 1
 
 
@@ -95,6 +97,7 @@ def _checked(loss, gathering):
 # ----------------------------------------------------------------------------- VICReg
 
 
+@_autocast.fp32_loss
 def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg, two-view form (Bardes, Ponce, LeCun 2022), as ``facebookresearch/vicreg``.
 
@@ -115,11 +118,15 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         sim_coeff, std_coeff, cov_coeff: the weights λ_sim, λ_std, λ_cov (25, 25, 1).
         eps: added to the variance before the square root (in fp32).
-        gather: global-batch loss over all ranks (SPEC §5); the invariance MSE stays local,
-            as in the official code.
+        gather: global-batch loss over all ranks (conventions §5; README, "Distributed training"); the
+            invariance MSE stays local, as in the official code. ``True``/``"auto"``: the
+            forward path that moves fewer bytes (``SSLOPS_GATHER`` can force one); ``"rows"``:
+            all-gather the rows, then the fused kernel on the global batch; ``"sums"``:
+            all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
+            backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "vicreg")
     with _checked("vicreg", gathering):
         V.check_embedding("z_a", z_a, min_rows=1 if gathering else 2, why_rows=" (VICReg needs a variance)")
         V.check_embedding("z_b", z_b, min_rows=1 if gathering else 2, why_rows=" (VICReg needs a variance)")
@@ -129,10 +136,11 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
         V.check_positive("eps", eps)
     params = dict(sim_coeff=float(sim_coeff), std_coeff=float(std_coeff), cov_coeff=float(cov_coeff), eps=float(eps))
     if gathering:
-        return distributed.vicreg_loss(z_a, z_b, backend=backend, **params)
+        return distributed.vicreg_loss(z_a, z_b, gather=gather, backend=backend, **params)
     return _run("vicreg", backend, (z_a, z_b), params, reference.vicreg_loss)
 
 
+@_autocast.fp32_loss
 def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, gamma=25.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg over a relation matrix G (Balestriero & LeCun 2022, the spectral view).
 
@@ -156,10 +164,14 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
         labels: (N,) integer tensor, or ``pairs``: (2, P) int64 indices in [0, N); exactly one.
         alpha, beta, gamma: weights of var, cov and inv (25, 1, 25).
         eps: added to the variance before the square root.
-        gather: global-batch loss (SPEC §5); ``pairs`` then hold global row indices.
+        gather: global-batch loss (conventions §5; README, "Distributed training"); ``pairs`` then hold
+            global row indices. ``True``/``"auto"``: the forward path that moves fewer bytes
+            (``SSLOPS_GATHER`` can force one); ``"rows"``: all-gather the rows, then the fused
+            kernel on the global batch; ``"sums"``: all-reduce K×K sums
+            (:mod:`sslops.distributed` tables the bytes of both). No backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "vicreg_relation")
     with _checked("vicreg_relation", gathering):
         V.check_embedding("z", z, min_rows=1 if gathering else 2, why_rows=" (the variance term needs two)")
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
@@ -167,7 +179,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
         V.check_positive("eps", eps)
     params = dict(alpha=float(alpha), beta=float(beta), gamma=float(gamma), eps=float(eps))
     if gathering:
-        return distributed.vicreg_relation_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
+        return distributed.vicreg_relation_loss(z, labels=labels, pairs=pairs, gather=gather, backend=backend, **params)
     V.check_relation(z.shape[0], z.device, labels, pairs)
     return _relation_run("vicreg_relation", backend, z, labels, pairs, params, reference.vicreg_relation_loss)
 
@@ -175,6 +187,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
 # ----------------------------------------------------------------------------- Barlow Twins
 
 
+@_autocast.fp32_loss
 def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend="auto"):
     r"""Barlow Twins (Zbontar et al. 2021), as ``facebookresearch/barlowtwins``.
 
@@ -191,10 +204,14 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         lambd: weight of the off-diagonal term (0.0051).
         eps: batch-norm epsilon (1e-5), applied in fp32.
-        gather: global-batch loss (SPEC §5).
+        gather: global-batch loss (conventions §5; README, "Distributed training"). ``True``/``"auto"``: the
+            forward path that moves fewer bytes (``SSLOPS_GATHER`` can force one); ``"rows"``:
+            all-gather the rows, then the fused kernel on the global batch; ``"sums"``:
+            all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
+            backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "barlow_twins")
     with _checked("barlow_twins", gathering):
         V.check_embedding("z_a", z_a, min_rows=1 if gathering else 2, why_rows=" (batch normalisation needs a variance)")
         V.check_embedding("z_b", z_b, min_rows=1 if gathering else 2, why_rows=" (batch normalisation needs a variance)")
@@ -203,13 +220,14 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
         V.check_positive("eps", eps)
     params = dict(lambd=float(lambd), eps=float(eps))
     if gathering:
-        return distributed.barlow_twins_loss(z_a, z_b, backend=backend, **params)
+        return distributed.barlow_twins_loss(z_a, z_b, gather=gather, backend=backend, **params)
     return _run("barlow_twins", backend, (z_a, z_b), params, reference.barlow_twins_loss)
 
 
 # ----------------------------------------------------------------------------- InfoNCE
 
 
+@_autocast.fp32_loss
 def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, backend="auto"):
     r"""InfoNCE over a sparse relation G: SimCLR (any number of views) and SupCon.
 
@@ -233,11 +251,11 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, 
         labels: (N,) integers, G_ij = [labels_i = labels_j] for i ≠ j; or
         pairs: (2, P) int64 row/column indices (symmetric; duplicates count once; self-pairs dropped).
         temperature: τ > 0 (0.1).
-        gather: local anchors against the global batch (SPEC §5); ``pairs`` then hold
+        gather: local anchors against the global batch (conventions §5); ``pairs`` then hold
             global row indices.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "info_nce")
     with _checked("info_nce", gathering):
         V.check_embedding("z", z)
         V.check_positive("temperature", temperature)
@@ -248,6 +266,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, 
     return _relation_run("info_nce", backend, z, labels, pairs, params, reference.info_nce_loss)
 
 
+@_autocast.fp32_loss
 def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
     r"""SimCLR's NT-Xent over 2N anchors: row i of ``z_a`` and row i of ``z_b`` are positives.
 
@@ -257,10 +276,10 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
     Args:
         z_a, z_b: (N, K) embeddings of the two views.
         temperature: τ > 0 (0.5).
-        gather: global-batch negatives (SPEC §5).
+        gather: global-batch negatives (conventions §5).
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "nt_xent")
     with _checked("nt_xent", gathering):
         V.check_embedding("z_a", z_a)
         V.check_embedding("z_b", z_b)
@@ -286,6 +305,7 @@ def _series_guard_q(q):
     return matrix_guard.log_series_matrices(q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device))
 
 
+@_autocast.fp32_loss
 def matrix_log(q, *, order=4, method="taylor", check="raise"):
     r"""log Q by the Taylor series around I, or exactly by eigendecomposition.
 
@@ -336,6 +356,7 @@ def _mce_reference(p, q, *, order, check):
     return matrix_guard.guard(out, _series_guard_q(q), check, "matrix_cross_entropy")
 
 
+@_autocast.fp32_loss
 def matrix_cross_entropy(p, q, *, order=4, method="taylor", check="raise", backend="auto"):
     r"""Matrix cross-entropy :math:`\mathrm{MCE}(P, Q) = \mathrm{tr}(-P\log Q + Q)`.
 
@@ -406,6 +427,7 @@ def _matrix_ssl_exact(p, z, lambd, mu, gamma):
     return -lambd * logdet + gamma * alignment
 
 
+@_autocast.fp32_loss
 def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False, backend="auto", method="taylor", check="raise"):
     r"""Matrix-SSL (Zhang et al., arXiv 2305.17326) for one ordered pair: target p, online z.
 
@@ -474,8 +496,9 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         z: (N, K) online-branch embeddings (the predictor's output), same shape and dtype.
         lambd, mu, gamma: λ, μ, γ (1, 1, 1).
         order: Taylor order n >= 1 (4).
-        gather: the loss over the global batch of a torch.distributed job (README,
-            "Distributed training"); the series path only, not guarded.
+        gather: global-batch loss (conventions §5; README, "Distributed training"): one all-gather of the
+            rows, then this function on the global batch on every rank (``method="taylor"``
+            only; ``check`` applies there).
         backend: see :mod:`sslops` (``method="taylor"`` only).
         method: ``"taylor"`` (the released code's series) or ``"exact"``.
         check: the convergence guard's policy for ``method="taylor"``.
@@ -486,7 +509,7 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         zero covariance); ``ValueError`` from the guard (``check="raise"``) when the series
         diverges.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "matrix_ssl")
     with _checked("matrix_ssl", gathering):
         why = " (Matrix-SSL centres the rows: the covariances of one row are zero)"
         V.check_embedding("p", p, min_rows=1 if gathering else 2, why_rows=why)
@@ -502,7 +525,8 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
     if gathering:
         if method != "taylor":
             raise ValueError("method='exact' does not support gather=True; use method='taylor'")
-        return distributed.matrix_ssl_loss(p, z, backend=backend, **params)
+        single = functools.partial(matrix_ssl_loss, **params, backend=backend, method=method, check=check)
+        return distributed.matrix_ssl_loss(p, z, single, backend=backend)
     wide = _compute_dtype(p.dtype)
     if method == "exact":
         return _matrix_ssl_exact(p.to(wide), z.to(wide), params["lambd"], params["mu"], params["gamma"])

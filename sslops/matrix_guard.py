@@ -50,6 +50,8 @@ import warnings
 
 import torch
 
+from . import _autocast
+
 CHECK_POLICIES = ("raise", "warn", "nan", "off")
 # The exact route of each public function that uses the series: its error message offers that
 # function's own option (matrix_ssl_loss has no method="eigh", matrix_log no method="exact").
@@ -99,6 +101,7 @@ def _serial_on_cpu(device):
         torch.set_num_threads(threads)
 
 
+@_autocast.disabled  # x @ v in x's dtype, not fp16/bf16
 def power_estimate(x, steps=POWER_STEPS, vectors=POWER_VECTORS):
     """Estimate ρ(x) as the mean growth per step of ‖x^t v‖ over the last half of ``steps``."""
     with _serial_on_cpu(x.device):
@@ -169,6 +172,7 @@ def check_policy(check):
         raise ValueError(f"check must be one of {', '.join(map(repr, CHECK_POLICIES))}, got {check!r}")
 
 
+@_autocast.disabled  # every check in the matrices' dtype, not fp16/bf16
 def guard(result, mats, check, where):
     """Apply the policy ``check`` to ``result`` for the matrices ``mats``.
 

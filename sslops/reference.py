@@ -1,4 +1,4 @@
-r"""Pure-PyTorch reference math for every sslops loss (SPEC.md, executable form).
+r"""Pure-PyTorch reference math for every sslops loss (docs/conventions.md, in executable form).
 
 This module is three things at once: the oracle every backend is tested against, the
 fallback backend, and the "naive PyTorch" baseline of the benchmarks. It is written the way
@@ -124,7 +124,7 @@ def _relation_square_distance_sum(z, g):
 
 
 def vicreg_loss(z_a, z_b, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4):
-    r"""VICReg, two-view form (SPEC §1).
+    r"""VICReg, two-view form (conventions §1).
 
     ::
 
@@ -176,7 +176,7 @@ def relation_matrix(n, labels=None, pairs=None, device=None):
 
 def vicreg_relation_loss(z, labels=None, pairs=None, alpha=25.0, beta=1.0, gamma=25.0,
                          eps=1e-4):
-    r"""VICReg, relation form (SPEC §1; Balestriero & LeCun 2022, spectral view of VICReg).
+    r"""VICReg, relation form (conventions §1; Balestriero & LeCun 2022, spectral view of VICReg).
 
     ::
 
@@ -208,7 +208,7 @@ def vicreg_relation_loss(z, labels=None, pairs=None, alpha=25.0, beta=1.0, gamma
 
 
 def barlow_twins_loss(z_a, z_b, lambd=0.0051, eps=1e-5):
-    r"""Barlow Twins (SPEC §2).
+    r"""Barlow Twins (conventions §2).
 
     ::
 
@@ -266,7 +266,7 @@ def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_
 
 
 def info_nce_loss(z, labels=None, pairs=None, temperature=0.1):
-    r"""InfoNCE over a positive relation G: SupCon's L_out (SPEC §3).
+    r"""InfoNCE over a positive relation G: SupCon's L_out (conventions §3).
 
     ::
 
@@ -344,7 +344,7 @@ def matrix_cross_entropy(p, q, order=4, method="taylor"):
 
 
 def matrix_ssl_loss(p, z, lambd=1.0, mu=1.0, gamma=1.0, order=4):
-    r"""One direction of Matrix-SSL: ``U(p, z) + gamma·A(p, z)`` (README, "Use"; arXiv 2305.17326).
+    r"""One direction of Matrix-SSL: ``U(p, z) + gamma·A(p, z)`` (conventions §4; arXiv 2305.17326).
 
     p is the target branch (the teacher's output, detached in the released training code), z
     the online branch (the predictor's output: the gradient flows through log Q(z)). Rows of

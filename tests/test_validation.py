@@ -1,4 +1,4 @@
-"""Input policy (SPEC §6): every bad input raises ValueError/TypeError naming the argument."""
+"""Input policy (conventions §6): every bad input raises ValueError/TypeError naming the argument."""
 
 import math
 

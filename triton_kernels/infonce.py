@@ -1,6 +1,6 @@
 r"""Blockwise InfoNCE over a sparse relation G in Triton: flash-attention style, never M×M.
 
-Math (SPEC §3). z is (M, K); anchors are the window rows [row_start, row_end) (B of them),
+Math (conventions §3). z is (M, K); anchors are the window rows [row_start, row_end) (B of them),
 candidates all M rows. With ‖z_k‖ the row norm, ẑ = z / max(‖z‖, 1e-12), s_ij = ⟨ẑ_i, ẑ_j⟩
 and x_ij = s_ij / τ::
 

@@ -1,6 +1,6 @@
 // Blockwise InfoNCE over a sparse relation G on the CPU: O(M·K) memory, never M×M.
 //
-// Math (SPEC §3). z is (M, K); anchors are the window rows [row_start, row_end), candidates
+// Math (conventions §3). z is (M, K); anchors are the window rows [row_start, row_end), candidates
 // all M rows. With ẑ = z / max(‖z‖, 1e-12), s_ij = ⟨ẑ_i, ẑ_j⟩, x_ij = s_ij / τ:
 //
 //   LSE_i = log Σ_{j≠i} exp(x_ij)                       (online: running max and sum)
@@ -35,7 +35,16 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -44,6 +53,7 @@
 #include <limits>
 #include <vector>
 
+#include "../no_autocast.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -360,6 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
                                                                 const c10::optional<at::Tensor>& crow_in,
                                                                 const c10::optional<at::Tensor>& col_in, double temperature,
                                                                 int64_t row_start, int64_t row_end) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   check_window(z_in, row_start, row_end);
   TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_fwd_cxx: give exactly one of labels or crow/col");
   const at::Tensor z = z_in.contiguous();
@@ -386,6 +397,7 @@ at::Tensor info_nce_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z_in,
                             const c10::optional<at::Tensor>& crow_in, const c10::optional<at::Tensor>& col_in,
                             const at::Tensor& pos_count, const at::Tensor& lse, double temperature, int64_t row_start,
                             int64_t row_end) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   check_window(z_in, row_start, row_end);
   TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_bwd_cxx: give exactly one of labels or crow/col");
   const at::Tensor z = z_in.contiguous();

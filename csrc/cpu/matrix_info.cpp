@@ -28,7 +28,12 @@
 // trace_dot, trace and lincomb: forward (n-1)·2K³ flops + n trace_dots (2K² each), backward
 // (h-1 + PS products)·2K³ for p and (n-1)·2K³ for q plus ~n²/2 K² lincomb reads; saved
 // X and A_1..A_{n-1} (n K×K matrices).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -380,6 +385,7 @@ void symmetric_completion(at::Tensor& m, const std::vector<int64_t>& blocks, dou
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_cpu(const at::Tensor& p_in, const at::Tensor& z_in,
                                                                                      double lambd, double mu, double gamma,
                                                                                      int64_t order) {
+  NoAutocast no_autocast;  // the at:: products below stay in the accumulation dtype (csrc/no_autocast.h)
   TORCH_CHECK(p_in.dim() == 2 && p_in.sizes() == z_in.sizes(), "matrix_ssl_fwd_cxx: p and z must be (N, K) of one shape");
   TORCH_CHECK(p_in.scalar_type() == z_in.scalar_type(), "matrix_ssl_fwd_cxx: p and z must have one dtype");
   TORCH_CHECK(order >= 1, "matrix_ssl_fwd_cxx: order must be >= 1");
@@ -448,6 +454,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at:
                                                const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa,
                                                const at::Tensor& saved, double lambd, double mu, double gamma, int64_t order,
                                                bool need_p, bool need_z) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   const at::Tensor p = p_in.contiguous(), z = z_in.contiguous();
   const int64_t n = p.size(0), k = p.size(1);
   const auto out_opt = p.options().memory_format(at::MemoryFormat::Contiguous);

@@ -18,13 +18,22 @@
 // Saved: LSE (B,) and |P(i)| (B,). Extra memory: norms (M,), a (M, K) dẑ buffer (fp32; fp64 for fp64).
 // FLOPs: forward 2·B·M·K, backward 4·(2BM − B²)·K, plus 1 (forward) and 2 (backward) exp per pair.
 // All row offsets are int64 (M·K and M·M may pass 2³¹).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <limits>
 
+#include "../no_autocast.h"
 #include "stream.h"
 
 namespace sslops {
@@ -301,6 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(const at::Tenso
                                                                  const c10::optional<at::Tensor>& crow_in,
                                                                  const c10::optional<at::Tensor>& col_in, double temperature,
                                                                  int64_t rs, int64_t re) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(z_in.device());
   const Inputs in = prepare(z_in, labels_in, crow_in, col_in, rs, re);
   const at::Tensor& z = in.z;
@@ -336,6 +346,7 @@ at::Tensor info_nce_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z_in
                              const c10::optional<at::Tensor>& crow_in, const c10::optional<at::Tensor>& col_in,
                              const at::Tensor& pos_count, const at::Tensor& lse_in, double temperature, int64_t rs,
                              int64_t re) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(z_in.device());
   const Inputs in = prepare(z_in, labels_in, crow_in, col_in, rs, re);
   const at::Tensor& z = in.z;

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend, _extension
+from .. import _autocast, _backend, _extension
 from ._first_order import first_order_only
 
 __all__ = ["info_nce_rows", "pairs_to_csr"]
@@ -59,6 +59,7 @@ def pairs_to_csr(pairs, m: int) -> Tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("sslops::info_nce_fwd", mutates_args=())
+@_autocast.disabled
 def info_nce_fwd(z: Tensor, labels: Optional[Tensor], crow: Optional[Tensor], col: Optional[Tensor],
                  temperature: float, row_start: int, row_end: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if backend in ("cpu", "cuda"):
@@ -81,6 +82,7 @@ def _(z, labels, crow, col, temperature, row_start, row_end, backend):
 
 
 @torch.library.custom_op("sslops::info_nce_bwd", mutates_args=())
+@_autocast.disabled
 def info_nce_bwd(grad_rows: Tensor, z: Tensor, labels: Optional[Tensor], crow: Optional[Tensor], col: Optional[Tensor],
                  pos_count: Tensor, lse: Tensor, temperature: float, row_start: int, row_end: int, backend: str) -> Tensor:
     if backend in ("cpu", "cuda"):
