@@ -199,6 +199,31 @@ def test_compile_fullgraph_public_function():
     assert_close(gp, rgp, torch.float32, "compiled public grad", scale=10)
 
 
+def test_docs_name_p_the_target_and_z_the_online_branch():
+    """The released training code's roles (p: the momentum teacher's output, detached; z: the
+    online predictor's output) in every docstring and README line that names them, and the
+    benchmark's training case differentiates z alone."""
+    import os
+
+    from benchmarks import bench_mce
+    from benchmarks.common import _prepare
+
+    args = sslops.matrix_ssl_loss.__doc__.split("Args:")[1]
+    p_line = next(line for line in args.splitlines() if line.strip().startswith("p:"))
+    z_line = next(line for line in args.splitlines() if line.strip().startswith("z:"))
+    assert "target" in p_line and "teacher" in p_line and "online" not in p_line, p_line
+    assert "online" in z_line and "target" not in z_line, z_line
+    assert "with torch.no_grad():" in sslops.matrix_ssl_loss.__doc__  # the momentum-teacher use
+    nn_doc = sslops.nn.MatrixSSLLoss.__doc__
+    assert "``p1, p2`` are the **target** branch" in nn_doc and "``z1, z2`` are the\n    **online** branch" in nn_doc
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8").read()
+    row = next(line for line in readme.splitlines() if line.startswith("| `matrix_ssl_loss("))
+    assert "p the target branch" in row and "z the online branch" in row
+    for both, grads in ((False, [False, True]), (True, [True, True])):
+        inputs, _ = _prepare(bench_mce.mce_case(8, 4, compile=False, both=both), torch.device("cpu"))
+        assert [t.requires_grad for t in inputs] == grads
+
+
 def test_auto_picks_cpu_kernel_on_cpu():
     if not CPU_BACKENDS:
         pytest.skip("sslops._C is not built")
