@@ -264,23 +264,27 @@ def anchor_mask(count, n_batch, n_negatives=0, in_batch_negatives=True, decouple
     return has_positive & (count < n_batch - 1)
 
 
-def dclw_pair_weights(z, g, sigma=DCLW_SIGMA):
+def dclw_pair_weights(z, g, sigma=DCLW_SIGMA, totals=None):
     r"""DCLW's weight of every ordered positive pair: ``w_ip = 2 − |E|·softmax_E(s_ip/σ)``.
 
     E = {(i, p) : g_ip} is the set of ordered positive pairs of the loss's anchors (``g`` a
     bool (N, N) mask), s the cosine similarity; the softmax runs over all of E and the weights
     are detached, as lightly's ``negative_mises_fisher_weights`` (which, for two views and
     N pairs, is ``2 − N·softmax``: over the 2N ordered pairs each similarity appears twice,
-    and 2N·softmax_2N = N·softmax_N). Entries outside E are meaningless.
+    and 2N·softmax_2N = N·softmax_N). Entries outside E are meaningless. Written as
+    ``2 − |E|·e^{s/σ}/Σ_E e^{s/σ}`` (|s| ≤ 1: no overflow); ``totals(Σ_E e^{s/σ}, |E|)`` may
+    replace the two sums (by the global batch's, under ``gather=True``).
     """
     zn = F.normalize(z.detach(), dim=1)
-    s = (zn @ zn.T / sigma).masked_fill(~g, float("-inf"))
-    soft = torch.softmax(s.reshape(-1), dim=0).view_as(s)
-    return 2.0 - g.sum().to(z.dtype) * soft
+    e = torch.where(g, torch.exp(zn @ zn.T / sigma), 0.0)
+    z_sum, count = e.sum(), g.sum().to(z.dtype)
+    if totals is not None:
+        z_sum, count = totals(z_sum, count)
+    return 2.0 - count * e / z_sum
 
 
 def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_end=None, *, negatives=None,
-                  in_batch_negatives=True, decoupled=False, weight_rows=None):
+                  in_batch_negatives=True, decoupled=False, weight_rows=None, weight_totals=None):
     r"""Per-anchor InfoNCE terms for anchors ``row_start <= i < row_end`` of ``z`` (conventions §3, §3b).
 
     ::
@@ -295,7 +299,8 @@ def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_
 
     ``negatives`` (M, K) rows are candidates of every anchor, never anchors, never positives.
     ``w_ip`` = 1, or DCLW's :func:`dclw_pair_weights` with ``decoupled="weighted"``, taken over
-    the positive pairs of the anchors ``weight_rows`` = (start, end) (default all N rows).
+    the positive pairs of the anchors ``weight_rows`` = (start, end) (default all N rows),
+    their two sums replaced by ``weight_totals(sum, count)`` when given (a distributed total).
 
     Returns ``(ℓ, count)``: ℓ has one entry per window row, in z's dtype; ``count`` is
     |P(i)| for the same rows as floats, in z's dtype promoted to at least float32 (so the
@@ -326,7 +331,7 @@ def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_
         lo, hi = (0, n) if weight_rows is None else weight_rows
         in_loss = torch.zeros_like(g_all)
         in_loss[lo:hi] = g_all[lo:hi]
-        logits = dclw_pair_weights(z, in_loss)[row_start:row_end] * logits
+        logits = dclw_pair_weights(z, in_loss, totals=weight_totals)[row_start:row_end] * logits
     positive_mean = torch.where(g, logits, 0.0).sum(dim=1) / count.to(z.dtype).clamp(min=1)
     loss = torch.where(valid, lse - positive_mean, 0.0)
     return loss, count.to(torch.promote_types(z.dtype, torch.float32))
@@ -437,23 +442,23 @@ def clip_loss(z_a, z_b, logit_scale, labels=None, normalize=True):
     return 0.5 * (loss_a.mean() + loss_b.mean())
 
 
-def siglip_rows(z_a, z_b, logit_scale, logit_bias, labels=None, normalize=True, row_start=0, row_end=None):
-    r"""SigLIP's per-row sums for rows ``row_start <= i < row_end`` of ``z_a`` (conventions §3b).
+def siglip_rows(z_a, z_b, logit_scale, logit_bias, labels=None, normalize=True, row_offset=0):
+    r"""SigLIP's per-row sums for the rows of ``z_a`` against all rows of ``z_b`` (conventions §3b).
 
     ::
 
         x_ij = t·⟨â_i, b̂_j⟩ + b,   y_ij = +1 if j ∈ P(i) else −1
         r_i  = Σ_j −log σ(y_ij·x_ij) = Σ_j softplus(−y_ij·x_ij)
 
-    ``labels`` hold one label per row of ``z_a`` and of ``z_b`` (the same (N,) tensor, global
-    when windowed); without them P(i) = {i}.
+    The rows of ``z_a`` are rows ``row_offset, row_offset + 1, …`` of the full set a (a rank's
+    local rows under ``gather=True``); ``labels`` (N_b,) hold one label per pair (a_i, b_i),
+    so a's row i has the label ``labels[row_offset + i]``; without labels P(i) = {row_offset + i}.
     """
-    n_b = z_b.shape[0]
-    row_end = z_a.shape[0] if row_end is None else row_end
+    n_a, n_b = z_a.shape[0], z_b.shape[0]
     a = F.normalize(z_a, dim=1) if normalize else z_a
     b = F.normalize(z_b, dim=1) if normalize else z_b
-    logits = logit_scale * (a[row_start:row_end] @ b.T) + logit_bias
-    g = _two_set_relation(z_a.shape[0], n_b, labels, row_start, row_end, z_a.device)
+    logits = logit_scale * (a @ b.T) + logit_bias
+    g = _two_set_relation(n_b, n_b, labels, row_offset, row_offset + n_a, z_a.device)
     y = torch.where(g, 1.0, -1.0).to(logits.dtype)
     return -F.logsigmoid(y * logits).sum(dim=1)
 
