@@ -550,16 +550,45 @@ def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind):
 
     gpu_tiles, seen = tk._tiles, []
 
-    def tiles(kernel, dt, kk, aligned):
+    def tiles(kernel, dt, kk, aligned, member=False):
         with monkeypatch.context() as mp:
             mp.setattr(tk._backend, "interpreting_triton", lambda: False)
-            cfg = gpu_tiles(kernel, dt, kk, aligned)
+            cfg = gpu_tiles(kernel, dt, kk, aligned, member)
         seen.append((kernel, aligned, cfg))
         return cfg
 
     monkeypatch.setattr(tk, "_tiles", tiles)
     check("triton", 70, k, kind, dtype, seed=k, grad_tol_scale=2.0)
     assert {(kern, al) for kern, al, _ in seen} == {("forward", k % 16 == 0), ("backward", k % 16 == 0)}
+    assert all(cfg[0] >= 32 and cfg[1] >= 32 for _, _, cfg in seen)  # not the interpreter's 16×16
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_gpu_launch_configs_options(monkeypatch, dtype):
+    """The GPU launch configurations (as in test_triton_gpu_launch_configs) of the §3b variants:
+    the CSR walk under DCL (fp32's 32-column backward tile), a queue with DCLW, CLIP, SigLIP."""
+    from sslops.triton_kernels import infonce as tk
+    from tests import test_clip, test_siglip
+
+    gpu_tiles, seen = tk._tiles, []
+
+    def tiles(kernel, dt, kk, aligned, member=False):
+        with monkeypatch.context() as mp:
+            mp.setattr(tk._backend, "interpreting_triton", lambda: False)
+            cfg = gpu_tiles(kernel, dt, kk, aligned, member)
+        seen.append((kernel, member, cfg))
+        return cfg
+
+    monkeypatch.setattr(tk, "_tiles", tiles)
+    low = dtype == torch.bfloat16
+    check_info_nce_options("triton", 70, 130, 0, dtype, kind="pairs", decoupled=True, grad_tol_scale=2.0 if low else 1.0)
+    check_info_nce_options("triton", 70, 33, 40, dtype, kind="supcon", decoupled="weighted", grad_tol_scale=2.0 if low else 1.0)
+    test_clip.check("triton", 70, 40, dtype, seed=3, labels=True, grad_tol_scale=2.0)
+    test_siglip.check("triton", 70, 40, dtype, seed=4, grad_tol_scale=2.0)
+    assert any(m for _, m, _ in seen)  # the CSR walk's variant was launched
+    if dtype == torch.float32:
+        assert any(kern == "backward" and m and cfg[1] == 32 for kern, m, cfg in seen)
     assert all(cfg[0] >= 32 and cfg[1] >= 32 for _, _, cfg in seen)  # not the interpreter's 16×16
 
 

@@ -19,7 +19,7 @@ inverse norms (the normalisation is fused: no normalised copy exists). G is ``la
 tiles compared inside the loop) or a symmetric CSR (columns sorted per row; an entry equal
 to its predecessor or to its row is skipped) whose positives a sparse kernel sums in
 O(nnz·K); where the denominator depends on membership (decoupled, no in-batch negatives)
-the tile finds it by a vectorised binary search of each row's sorted columns.
+each row walks its sorted CSR entries along with the column tiles (three vectors of state).
 
 Gradient. From the gradients (a, gp, gq) of (lse, Σ_P s, Σ_P s·e^{s/σ}) per row (of the
 softplus sum for SigLIP), the gradient of s_ij from anchor i is
@@ -76,7 +76,7 @@ def _rows_aligned(*ts):
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 for t in ts)
 
 
-def _tiles(kernel, dtype, k, aligned):
+def _tiles(kernel, dtype, k, aligned, member=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KO, num_warps, num_stages) of ``kernel`` ("forward" or "backward").
 
     BLOCK_M × BLOCK_N is the similarity tile, BLOCK_K the K chunk of its product loop,
@@ -100,6 +100,8 @@ def _tiles(kernel, dtype, k, aligned):
       32, BLOCK_KO 128, 8 warps, 2 stages.
     * fp64 (the reference dtype: correctness first, FP64 FMA): forward 32×64, BLOCK_K 16,
       8 warps, 1 stage; backward 32×32, BLOCK_K 16, BLOCK_KO 64, 4 warps, 2 stages.
+    * ``member`` (a CSR relation whose membership shapes the denominator: DCL, no in-batch
+      negatives): the fp32 backward walks 32 columns at a time (its 64-column tile spilled).
 
     With unaligned rows (:func:`_rows_aligned`) the 2-byte dtypes get a single shared-memory
     buffer whatever num_stages says (no asynchronous copies below 4 bytes), so a smaller
@@ -107,6 +109,8 @@ def _tiles(kernel, dtype, k, aligned):
     """
     kcap = max(16, triton.next_power_of_2(k))
     bm, bn, bk, bko, warps, stages = _tiles_wide(kernel, dtype, aligned)
+    if member and kernel == "backward" and dtype == torch.float32 and not _backend.interpreting_triton():
+        bn = 32  # the CSR walk's state next to the fp32 dx̂ block: 64 columns spilled ~300 B (255 regs), 32 fit (207)
     return bm, bn, min(bk, kcap), min(bko, kcap), warps, stages
 
 
@@ -141,31 +145,38 @@ def _row_norm_kernel(z_ptr, norm_ptr, K, stride_m, stride_k, BLOCK_K: tl.constex
 @triton.jit
 def _inv_norm(norm_ptr, idx, mask, NORMALIZE: tl.constexpr, EPS: tl.constexpr):
     """1 / max(‖row‖, eps) for a block of rows ``idx`` (1 where the normalisation is off)."""
+    nrm = tl.load(norm_ptr + idx, mask=mask, other=1.0)
     if NORMALIZE:
-        return 1.0 / tl.maximum(tl.load(norm_ptr + idx, mask=mask, other=1.0), EPS)
-    return idx.to(tl.float32) * 0.0 + 1.0
+        inv = 1.0 / tl.maximum(nrm, EPS)
+    else:
+        inv = nrm * 0.0 + 1.0  # ones in the norms' dtype (one return type for both branches)
+    return inv
 
 
 @triton.jit
 def _inv_norm1(norm_ptr, i, NORMALIZE: tl.constexpr, EPS: tl.constexpr):
     """:func:`_inv_norm` for one row."""
+    nrm = tl.load(norm_ptr + i)
     if NORMALIZE:
-        return 1.0 / tl.maximum(tl.load(norm_ptr + i), EPS)
-    return i.to(tl.float32) * 0.0 + 1.0
+        inv = 1.0 / tl.maximum(nrm, EPS)
+    else:
+        inv = nrm * 0.0 + 1.0
+    return inv
 
 
 @triton.jit
-def _relation_masks(rows, cols, valid, inb, lab_r, lab_c, crow_ptr, col_ptr, rmask, N_SEARCH, SELF: tl.constexpr,
-                    HAS_LABELS: tl.constexpr, MEMBER: tl.constexpr, KEEP_POS: tl.constexpr, KEEP_NEG: tl.constexpr):
+def _relation_masks(rows, cols, valid, inb, lab_r, lab_c, member, SELF: tl.constexpr, HAS_LABELS: tl.constexpr,
+                    MEMBER: tl.constexpr, KEEP_POS: tl.constexpr, KEEP_NEG: tl.constexpr):
     """(g, den) of a softmax tile: in-batch positives (self excluded; False where the relation is not
-    needed) and the denominator mask D(i) (negatives' columns always in)."""
+    needed: a CSR's positives are summed sparsely) and the denominator mask D(i) (negatives'
+    columns always in). ``member``: the CSR membership of the tile (MEMBER)."""
     ok = valid
     if SELF:
         ok = ok & (rows[:, None] != cols[None, :])
     if HAS_LABELS:
         g = ok & inb & (lab_r[:, None] == lab_c[None, :])
     elif MEMBER:
-        g = ok & inb & _csr_member(crow_ptr, col_ptr, rows, rmask, cols, N_SEARCH)
+        g = ok & inb & member
     else:
         g = ok & (cols[None, :] < 0)
     if KEEP_POS and KEEP_NEG:
@@ -198,23 +209,23 @@ def _sim_tile(a_ptr, b_ptr, rows, rmask, cols, cmask, K, stride_am, stride_ak, s
 
 
 @triton.jit
-def _csr_member(crow_ptr, col_ptr, rows, rmask, cols, N_SEARCH):
-    """(BLOCK_M, BLOCK_N) bool: column ``cols[j]`` is among row ``rows[i]``'s CSR entries (binary search)."""
-    start = tl.load(crow_ptr + rows, mask=rmask, other=0)
-    end = tl.load(crow_ptr + rows + 1, mask=rmask, other=0)
-    lo = start[:, None] + tl.zeros_like(cols)[None, :].to(tl.int64)
-    hi = end[:, None] + tl.zeros_like(cols)[None, :].to(tl.int64)
-    target = cols[None, :].to(tl.int64)
-    for _ in range(N_SEARCH):
-        open_ = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(col_ptr + mid, mask=open_, other=0)
-        right = v < target
-        lo = tl.where(open_ & right, mid + 1, lo)
-        hi = tl.where(open_ & ~right, mid, hi)
-    found = lo < end[:, None]
-    v = tl.load(col_ptr + lo, mask=found, other=-1)
-    return found & (v == target)
+def _csr_walk(col_ptr, ptr, end, cols, c_hi):
+    """Which columns of this tile are CSR entries of each row, advancing each row's position.
+
+    ``ptr``/``end`` (BLOCK_M,) walk every row's sorted CSR entries as the column tiles move
+    left to right: the entries below ``c_hi`` are consumed here (those below the tile too,
+    which match nothing), so a row's entries are read once over the whole loop, and the
+    state is three vectors, not a (BLOCK_M, BLOCK_N) search.
+    """
+    g = (ptr[:, None] < 0) & (cols[None, :] < 0)  # all False
+    cur = tl.load(col_ptr + ptr, mask=ptr < end, other=c_hi)
+    inside = (ptr < end) & (cur < c_hi)
+    while tl.max(inside.to(tl.int32), axis=0) > 0:
+        g = g | (inside[:, None] & (cur[:, None] == cols[None, :]))
+        ptr = ptr + inside.to(ptr.dtype)
+        cur = tl.load(col_ptr + ptr, mask=ptr < end, other=c_hi)
+        inside = (ptr < end) & (cur < c_hi)
+    return g, ptr
 
 
 @triton.jit
@@ -266,7 +277,7 @@ def _pairs_positive_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, crow_ptr, col_ptr
 @triton.jit
 def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow_ptr, col_ptr, sparse_ptr, diff_ptr, aux_ptr,
                     NC, NB, K, row_start, row_end, stride_xm, stride_xk, stride_cm, stride_ck, scale_ptr, bias_ptr,
-                    inv_sigma, N_SEARCH,
+                    inv_sigma,
                     SIGMOID: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, MEMBER: tl.constexpr,
                     KEEP_POS: tl.constexpr, KEEP_NEG: tl.constexpr, WEIGHTED: tl.constexpr, NORMALIZE: tl.constexpr,
                     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -286,10 +297,17 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
         b = tl.load(bias_ptr).to(ACC)
     if HAS_LABELS:
         lab_r = tl.load(labx_ptr + rows, mask=rmask, other=0)
+    if MEMBER:
+        walk = tl.load(crow_ptr + rows, mask=rmask, other=0)
+        walk_end = tl.load(crow_ptr + rows + 1, mask=rmask, other=0)
     for c0 in range(0, NC, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < NC
         inv_c = _inv_norm(normc_ptr, cols, cmask, NORMALIZE, EPS)
+        if MEMBER:
+            member, walk = _csr_walk(col_ptr, walk, walk_end, cols, c0 + BLOCK_N)
+        else:
+            member = cmask[None, :]
         s = _sim_tile(x_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_xm, stride_xk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
         s = s * inv_r[:, None] * inv_c[None, :]
@@ -310,7 +328,7 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
         else:
             inb = (cols[None, :] < NB) & valid
             g, den = _relation_masks(rows, cols, valid, inb, lab_r if HAS_LABELS else rows, lab_c if HAS_LABELS else cols,
-                                     crow_ptr, col_ptr, rmask, N_SEARCH, SELF, HAS_LABELS, MEMBER, KEEP_POS, KEEP_NEG)
+                                     member, SELF, HAS_LABELS, MEMBER, KEEP_POS, KEEP_NEG)
             xm = tl.where(den, s * t, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(xm, axis=1))
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -355,7 +373,7 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
 @triton.jit
 def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_ptr, crow_ptr, col_ptr, coefr_ptr, coefc_ptr,
                            dzh_ptr, NR, NC, NB_C, K, rw0, rw1, cw0, cw1, stride_rm, stride_rk, stride_cm, stride_ck,
-                           scale_ptr, bias_ptr, inv_sigma, N_SEARCH,
+                           scale_ptr, bias_ptr, inv_sigma,
                            SIGMOID: tl.constexpr, SELF: tl.constexpr, ROWS_EXTRA: tl.constexpr, HAS_LABELS: tl.constexpr,
                            MEMBER: tl.constexpr, KEEP_POS: tl.constexpr, KEEP_NEG: tl.constexpr, WEIGHTED: tl.constexpr,
                            NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -380,6 +398,9 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
         gq_r = tl.load(coefr_ptr + 3 * NR + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
         lab_r = tl.load(labr_ptr + rows, mask=rmask, other=0)
+    if MEMBER:
+        walk = tl.load(crow_ptr + rows, mask=rmask, other=0)
+        walk_end = tl.load(crow_ptr + rows + 1, mask=rmask, other=0)
     # Rows outside their window have zero coefficients: only the other set's window matters.
     has_anchor = (r0 < rw1) & (r0 + BLOCK_M > rw0)
     c_begin = tl.where(has_anchor, 0, cw0)
@@ -393,6 +414,10 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
         cmask = cols < c_end
         inv_c = _inv_norm(normc_ptr, cols, cmask, NORMALIZE, EPS)
         a_c = tl.load(coefc_ptr + cols, mask=cmask, other=0.0)
+        if MEMBER:
+            member, walk = _csr_walk(col_ptr, walk, walk_end, cols, c0 + BLOCK_N)
+        else:
+            member = cmask[None, :]
         s = _sim_tile(r_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_rm, stride_rk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
         s = s * inv_r[:, None] * inv_c[None, :]
@@ -414,7 +439,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
             else:
                 inb = valid & (cols[None, :] < NB_C)
             g, den = _relation_masks(rows, cols, valid, inb, lab_r if HAS_LABELS else rows, lab_c if HAS_LABELS else cols,
-                                     crow_ptr, col_ptr, rmask, N_SEARCH, SELF, HAS_LABELS, MEMBER, KEEP_POS, KEEP_NEG)
+                                     member, SELF, HAS_LABELS, MEMBER, KEEP_POS, KEEP_NEG)
             x = s * t
             soft = t * (a_r[:, None] * tl.exp(x - lse_r[:, None]) + a_c[None, :] * tl.exp(x - lse_c[None, :]))
             d = tl.where(den, soft, 0.0)  # a select: outside D(i) the exponent may overflow
@@ -513,11 +538,6 @@ def _dot_d_dtype(dtype):
     return _dot_dtype(dtype)
 
 
-def _search_steps(col):
-    """Binary-search steps that cover any CSR row: ⌈log2(2P + 1)⌉ from the CSR's length (static, no sync)."""
-    return max(1, (col.numel() + 1).bit_length()) if col is not None else 0
-
-
 class _Call:
     """The inputs of one call, laid out for the kernels (mirrors ``Prepared`` in csrc/cpu/infonce.cpp)."""
 
@@ -541,7 +561,6 @@ class _Call:
             self.labels_x, self.labels_c = labels_x, labels_y
         self.crow, self.col = crow, col
         self.member = (not self.sigmoid and labels_x is None and crow is not None and self.keep_pos != self.keep_neg)
-        self.n_search = _search_steps(col) if self.member else 0
         self.norm_x = _row_norms(x, self.acc)
         self.norm_c = self.norm_x if (self.square and not self.nq) else _row_norms(self.c, self.acc)
         self.inv_sigma = 1.0
@@ -576,7 +595,7 @@ def _forward_rows(call, x, norm_x, labels_x, c, norm_c, labels_c, nb, self_excl,
     _forward_kernel[(triton.cdiv(b, bm),)](
         x, c, norm_x, norm_c, lab_x, lab_c, crow if crow is not None else norm_x, col if col is not None else norm_x,
         sparse, diff, aux, c.shape[0], nb, k, rs, re, x.stride(0), x.stride(1), c.stride(0), c.stride(1), scale, bias,
-        call.inv_sigma, call.n_search, SELF=self_excl, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_tl_dtype(acc), DOT=dot,
+        call.inv_sigma, SELF=self_excl, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_tl_dtype(acc), DOT=dot,
         PREC=prec, num_warps=warps, num_stages=stages, **call.constexprs())
     return diff, aux
 
@@ -621,7 +640,7 @@ def _backward_rows(call, r, norm_r, labels_r, coef_r, c, norm_c, labels_c, coef_
     if nr == 0:
         return
     acc = call.acc
-    bm, bn, bk, bko, warps, stages = _tiles("backward", r.dtype, k, _rows_aligned(r, c))
+    bm, bn, bk, bko, warps, stages = _tiles("backward", r.dtype, k, _rows_aligned(r, c), call.member and not rows_extra)
     dot, prec = _dot_dtype(r.dtype)
     dot_d, prec_d = _dot_d_dtype(r.dtype)
     dzh = torch.empty((nr, k), dtype=acc, device=r.device)
@@ -634,8 +653,7 @@ def _backward_rows(call, r, norm_r, labels_r, coef_r, c, norm_c, labels_c, coef_
     crow, col = csr if csr is not None else (norm_r, norm_r)
     _backward_tiles_kernel[(triton.cdiv(nr, bm), triton.cdiv(k, bko))](
         r, c, norm_r, norm_c, lab_r, lab_c, crow, col, coef_r, coef_c, dzh, nr, c.shape[0], nb_c, k, rw0, rw1, cw0, cw1,
-        r.stride(0), r.stride(1), c.stride(0), c.stride(1), scale, bias, call.inv_sigma, call.n_search if not rows_extra else 0,
-        SELF=self_excl, ROWS_EXTRA=rows_extra, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KO=bko, ACC=_tl_dtype(acc), DOT=dot,
+        r.stride(0), r.stride(1), c.stride(0), c.stride(1), scale, bias, call.inv_sigma, SELF=self_excl, ROWS_EXTRA=rows_extra, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KO=bko, ACC=_tl_dtype(acc), DOT=dot,
         PREC=prec, DOT_D=dot_d, PREC_D=prec_d, num_warps=warps, num_stages=stages, **consts)
     pairs = csr is not None and not call.sigmoid
     _backward_rows_kernel[(nr,)](
