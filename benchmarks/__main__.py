@@ -5,7 +5,7 @@
     python -m benchmarks --plot                # also draw time/memory against N and K
     python -m benchmarks.report                # markdown of the latest results per device
 
-``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``mce``) or
+``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``clip``, ``siglip``, ``mce``) or
 loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ...). Rows are appended to
 ``benchmarks/results/results.jsonl`` (``--out`` for another file).
 """
@@ -23,7 +23,7 @@ import torch
 from . import common
 
 
-STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "mce"]
+STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "clip", "siglip", "mce"]
 
 
 def bench_modules():

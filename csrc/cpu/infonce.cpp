@@ -219,23 +219,13 @@ void parallel_blocks(int64_t n, const F& f) {
 // The per-row loops over one similarity tile, kept out of line so that they are compiled
 // under this file's options (inlined into ATen's parallel_for they would lose them).
 
-// xr[j] <- t·s_j where column j is in the anchor's denominator, −inf elsewhere. In-batch
-// columns [0, ib) follow the labels (lab != nullptr: j ∈ P(i) iff lab[j] == li) or, without
-// labels, keep_neg (the caller then marks the CSR positives); columns [ib, bc) are negatives.
+// xr[j] <- t·s_j for the in-batch columns [0, ib) when keep_neg (the caller then marks the CSR
+// positives), −inf otherwise; the negatives' columns [ib, bc) always t·s_j.
 template <typename acc>
-__attribute__((noinline)) void masked_logits(const acc* s, acc* xr, const int32_t* lab, int32_t li, acc t, bool keep_pos,
-                                             bool keep_neg, int64_t ib, int64_t bc) {
+__attribute__((noinline)) void masked_logits(const acc* s, acc* xr, acc t, bool keep_neg, int64_t ib, int64_t bc) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  if (lab) {
 #pragma omp simd
-    for (int64_t j = 0; j < ib; ++j) {
-      const bool keep = lab[j] == li ? keep_pos : keep_neg;
-      xr[j] = keep ? s[j] * t : neg_inf;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < ib; ++j) xr[j] = keep_neg ? s[j] * t : neg_inf;
-  }
+  for (int64_t j = 0; j < ib; ++j) xr[j] = keep_neg ? s[j] * t : neg_inf;
 #pragma omp simd
   for (int64_t j = ib; j < bc; ++j) xr[j] = s[j] * t;
 }
@@ -262,34 +252,48 @@ __attribute__((noinline)) void span_exp_sums(const acc* xr, const acc* s, acc mx
   ms_out += ms;
 }
 
-// Over labelled in-batch columns [j0, j1) with lab[j] == li: Σ s, the count, and (weighted)
-// Σ s·e^{s/σ}, Σ e^{s/σ}.
-template <typename acc>
-__attribute__((noinline)) void span_positives(const acc* s, const int32_t* lab, int32_t li, acc inv_sigma, bool weighted,
-                                              int64_t j0, int64_t j1, acc* pos4) {
-  acc p = 0, n = 0, pse = 0, pe = 0;
-  if (weighted) {
-#pragma omp simd reduction(+ : p, n, pse, pe)
-    for (int64_t j = j0; j < j1; ++j) {
-      const bool eq = lab[j] == li;
+// Labelled in-batch columns [j0, j1) in one pass: xr_j = t·s_j where the column is in the
+// denominator (j ∈ P(i) ? keep_pos : keep_neg), −inf elsewhere; the positives' Σ s, count and
+// (weighted) Σ s·e^{s/σ}, Σ e^{s/σ} into pos4; returns max_j xr_j.
+template <typename acc, bool WEIGHTED>
+__attribute__((noinline)) acc span_logits_positives(const acc* s, acc* xr, const int32_t* lab, int32_t li, bool keep_pos,
+                                                    bool keep_neg, acc t, acc inv_sigma, int64_t j0, int64_t j1, acc* pos4) {
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const int kp = keep_pos, kn = keep_neg;
+  acc m = neg_inf, p = 0, n = 0, pse = 0, pe = 0;
+#pragma omp simd reduction(max : m) reduction(+ : p, n, pse, pe)
+  for (int64_t j = j0; j < j1; ++j) {
+    const int g = lab[j] == li;
+    const int keep = (g & kp) | ((g ^ 1) & kn);
+    const acc xv = keep ? s[j] * t : neg_inf;
+    xr[j] = xv;
+    m = std::max(m, xv);
+    const acc gf = static_cast<acc>(g);
+    p += gf * s[j];
+    n += gf;
+    if constexpr (WEIGHTED) {
       const acc e = exp_ps(s[j] * inv_sigma);
-      p += eq ? s[j] : acc(0);
-      n += eq ? acc(1) : acc(0);
-      pse += eq ? s[j] * e : acc(0);
-      pe += eq ? e : acc(0);
-    }
-  } else {
-#pragma omp simd reduction(+ : p, n)
-    for (int64_t j = j0; j < j1; ++j) {
-      const bool eq = lab[j] == li;
-      p += eq ? s[j] : acc(0);
-      n += eq ? acc(1) : acc(0);
+      pse += gf * s[j] * e;
+      pe += gf * e;
     }
   }
   pos4[0] += p;
   pos4[1] += n;
   pos4[2] += pse;
   pos4[3] += pe;
+  return m;
+}
+
+// The negatives' columns [j0, j1): xr_j = t·s_j; returns their max.
+template <typename acc>
+__attribute__((noinline)) acc span_logits(const acc* s, acc* xr, acc t, int64_t j0, int64_t j1) {
+  acc m = -std::numeric_limits<acc>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = j0; j < j1; ++j) {
+    xr[j] = s[j] * t;
+    m = std::max(m, xr[j]);
+  }
+  return m;
 }
 
 // SigLIP over [0, n): Σ softplus(−y x), Σ h·s, Σ h, #positives with x = t·s + b,
@@ -379,20 +383,24 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
             span_sigmoid(srow, lj, li, ps.t, ps.b, bc, sti);
             continue;
           }
-          // positives from the labels (the diagonal excluded: two spans)
-          if (lj) {
+          acc tmax;
+          if (lj) {  // labels: logits, positives and max in one pass (the diagonal left out: two spans)
+            const auto labelled = md.weighted ? span_logits_positives<acc, true> : span_logits_positives<acc, false>;
             const int64_t d = ps.self_excl ? gi - c0 : -1;
             if (d >= 0 && d < ib) {
-              span_positives(srow, lj, li, ps.inv_sigma, md.weighted, 0, d, sti);
-              span_positives(srow, lj, li, ps.inv_sigma, md.weighted, d + 1, ib, sti);
+              tmax = std::max(labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, d, sti),
+                              labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, d + 1, ib, sti));
+              xr[d] = neg_inf;
             } else {
-              span_positives(srow, lj, li, ps.inv_sigma, md.weighted, 0, ib, sti);
+              tmax = labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, ib, sti);
             }
+            if (ib < bc) tmax = std::max(tmax, span_logits(srow, xr.data(), ps.t, ib, bc));
+          } else {  // a CSR: the denominator by membership, the positives summed sparsely below
+            masked_logits(srow, xr.data(), ps.t, md.keep_neg, ib, bc);
+            if (ps.csr.crow && md.member_needed()) mark_csr_row(ps.csr, gi, c0, ib, srow, xr.data(), ps.t, md.keep_pos);
+            if (ps.self_excl && gi >= c0 && gi < c0 + ib) xr[gi - c0] = neg_inf;
+            tmax = span_max(xr.data(), bc);
           }
-          masked_logits(srow, xr.data(), lj, li, ps.t, md.keep_pos, md.keep_neg, ib, bc);
-          if (!lj && ps.csr.crow && md.member_needed()) mark_csr_row(ps.csr, gi, c0, ib, srow, xr.data(), ps.t, md.keep_pos);
-          if (ps.self_excl && gi >= c0 && gi < c0 + ib) xr[gi - c0] = neg_inf;
-          const acc tmax = span_max(xr.data(), bc);
           // A NaN similarity must not vanish in the max: the sum below carries it.
           if (tmax > run_max[i]) {
             const acc f = exp_ps(run_max[i] - tmax);
@@ -452,37 +460,38 @@ struct Coef {
 };
 
 // Row r of a tile, in place: s_j <- D_rj = C_rj + C_jr (both directions), the in-batch block
-// by the relation, the negatives' columns (and rows_extra) with no relation.
-template <typename acc>
+// by the relation, the negatives' columns (and rows_extra) with no relation. Branch-free (so
+// that the loops vectorise): the exponents are clamped at 0, which changes nothing inside the
+// denominator (x <= LSE there) and keeps exp finite outside it, where the 0/1 factor `keep`
+// then zeroes the term (a product with an overflowed exp would be 0·inf = NaN).
+template <typename acc, bool WEIGHTED>
 __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int32_t li, bool keep_pos, bool keep_neg, acc t,
-                                                acc inv_sigma, bool weighted, acc ar, acc lr, acc gpr, acc gqr, const acc* ac,
-                                                const acc* lc, const acc* gpc, const acc* gqc, int64_t ib, int64_t bc,
-                                                acc* keep_buf) {
-  // keep_buf[j] = 1 where column j is in the denominator (set by the caller for CSR rows)
+                                                acc inv_sigma, acc ar, acc lr, acc gpr, acc gqr, const acc* ac, const acc* lc,
+                                                const acc* gpc, const acc* gqc, int64_t ib, int64_t bc, const acc* keep_buf) {
+  const acc zero = 0;
   if (lab) {
+    const int kp = keep_pos, kn = keep_neg;
 #pragma omp simd
     for (int64_t j = 0; j < ib; ++j) {
-      const bool g = lab[j] == li;
+      const int g = lab[j] == li;
+      const acc keep = static_cast<acc>((g & kp) | ((g ^ 1) & kn));
       const acc x = s[j] * t;
-      const acc soft = t * (ar * exp_ps(x - lr) + ac[j] * exp_ps(x - lc[j]));
-      // a select, not a product: outside the denominator x may exceed the LSE and exp overflow
-      acc d = (g ? keep_pos : keep_neg) ? soft : acc(0);
-      const acc w = weighted ? exp_ps(s[j] * inv_sigma) : acc(0);
-      d += g ? gpr + gpc[j] + (gqr + gqc[j]) * w : acc(0);
-      s[j] = d;
+      acc d = keep * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+      acc pair = gpr + gpc[j];
+      if constexpr (WEIGHTED) pair += (gqr + gqc[j]) * exp_ps(s[j] * inv_sigma);
+      s[j] = d + static_cast<acc>(g) * pair;
     }
-  } else {
+  } else {  // keep_buf[j] = 1 where column j is in the denominator (CSR rows: set by the caller)
 #pragma omp simd
     for (int64_t j = 0; j < ib; ++j) {
       const acc x = s[j] * t;
-      const acc soft = t * (ar * exp_ps(x - lr) + ac[j] * exp_ps(x - lc[j]));
-      s[j] = keep_buf[j] != acc(0) ? soft : acc(0);
+      s[j] = keep_buf[j] * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
     }
   }
 #pragma omp simd
   for (int64_t j = ib; j < bc; ++j) {
     const acc x = s[j] * t;
-    s[j] = t * (ar * exp_ps(x - lr) + ac[j] * exp_ps(x - lc[j]));
+    s[j] = t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
   }
 }
 
@@ -545,8 +554,12 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
                 keep[*p - c0] = md.keep_pos ? acc(1) : acc(0);
             }
           }
-          coef_row_softmax(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, md.weighted, ar, lr, gpr, gqr,
-                           cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data());
+          if (md.weighted)
+            coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
+                                        cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data());
+          else
+            coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
+                                         cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data());
           if (ps.self_excl && gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
         g.addmm_(s_t, ps.cols_t.narrow(0, c0, bc));
