@@ -467,7 +467,8 @@ struct Coef {
 template <typename acc, bool WEIGHTED>
 __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int32_t li, bool keep_pos, bool keep_neg, acc t,
                                                 acc inv_sigma, acc ar, acc lr, acc gpr, acc gqr, const acc* ac, const acc* lc,
-                                                const acc* gpc, const acc* gqc, int64_t ib, int64_t bc, const acc* keep_buf) {
+                                                const acc* gpc, const acc* gqc, int64_t ib, int64_t bc, const acc* keep_buf,
+                                                bool rows_extra) {
   const acc zero = 0;
   if (lab) {
     const int kp = keep_pos, kn = keep_neg;
@@ -488,10 +489,15 @@ __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int3
       s[j] = keep_buf[j] * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
     }
   }
+  // Columns [ib, bc) relate to no row: either they are the negatives (never anchors: only the
+  // row's own term) or, over the negatives' rows (rows_extra: ib = 0), they are the anchors
+  // (only the column's term). One exponential each.
+  if (rows_extra) {
 #pragma omp simd
-  for (int64_t j = ib; j < bc; ++j) {
-    const acc x = s[j] * t;
-    s[j] = t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ac[j] * exp_ps(std::min(s[j] * t - lc[j], zero));
+  } else {
+#pragma omp simd
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ar * exp_ps(std::min(s[j] * t - lr, zero));
   }
 }
 
@@ -556,10 +562,10 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
           }
           if (md.weighted)
             coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
-                                        cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data());
+                                        cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
           else
             coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
-                                         cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data());
+                                         cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
           if (ps.self_excl && gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
         g.addmm_(s_t, ps.cols_t.narrow(0, c0, bc));
