@@ -5,7 +5,12 @@
 //   csrc/cuda/<stem>.cu   TORCH_LIBRARY_IMPL(sslops, CUDA, m)
 // C++ ops carry the suffix `_cxx`; the Python custom ops of sslops/ops/ (which add the
 // fake and autograd registrations and the backend choice) wrap them.
-#include <torch/extension.h>
+//
+// No pybind11 and no torch/extension.h anywhere in csrc/: the ops reach Python through the
+// dispatcher (torch.ops.sslops), and the module below uses only the Python limited API
+// (Py_LIMITED_API, set by setup.py), so one _C.abi3.so loads on every CPython >= 3.10 with
+// the torch it was built against (a build made with Python 3.11 runs on a 3.12 machine).
+#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(sslops, m) {
@@ -58,25 +63,37 @@ TORCH_LIBRARY(sslops, m) {
 }
 
 namespace {
-bool built_with_cuda() {
+PyObject* built_with_cuda(PyObject*, PyObject*) {
 #ifdef SSLOPS_WITH_CUDA
-  return true;
+  return PyBool_FromLong(1);
 #else
-  return false;
+  return PyBool_FromLong(0);
 #endif
 }
 
-bool built_with_openmp() {
+PyObject* built_with_openmp(PyObject*, PyObject*) {
 #ifdef _OPENMP
-  return true;
+  return PyBool_FromLong(1);
 #else
-  return false;
+  return PyBool_FromLong(0);
 #endif
 }
+
+PyMethodDef methods[] = {
+    {"built_with_cuda", built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in"},
+    {"built_with_openmp", built_with_openmp, METH_NOARGS, "True when the CPU kernels use OpenMP threads"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    "_C",                                                       // m_name
+    "sslops compiled kernels; the ops live in torch.ops.sslops",  // m_doc
+    -1,                                                         // m_size: no per-module state
+    methods,
+};
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sslops compiled kernels; the ops live in torch.ops.sslops";
-  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-  m.def("built_with_openmp", &built_with_openmp, "True when the CPU kernels use OpenMP threads");
-}
+// Importing sslops._C loads this library, whose static initialisers (TORCH_LIBRARY,
+// TORCH_LIBRARY_IMPL) register every schema and kernel with the dispatcher.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import _backend, distributed, reference
+from . import _autocast, _backend, distributed, reference
 from . import _validation as V
 
 __all__ = [
@@ -54,8 +54,7 @@ def _run(loss, backend, tensors, params, reference_fn):
     def widen(t):
         return t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    with torch.autocast(device_type=lead.device.type, enabled=False):  # the reference's products in `wide`
-        return reference_fn(*map(widen, tensors), **{key: widen(value) for key, value in params.items()})
+    return reference_fn(*map(widen, tensors), **{key: widen(value) for key, value in params.items()})
 
 
 def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
@@ -90,6 +89,7 @@ def _checked(loss, gathering):
 # ----------------------------------------------------------------------------- VICReg
 
 
+@_autocast.fp32_loss
 def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg, two-view form (Bardes, Ponce, LeCun 2022), as ``facebookresearch/vicreg``.
 
@@ -128,6 +128,7 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
     return _run("vicreg", backend, (z_a, z_b), params, reference.vicreg_loss)
 
 
+@_autocast.fp32_loss
 def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, gamma=25.0, eps=1e-4, gather=False, backend="auto"):
     r"""VICReg over a relation matrix G (Balestriero & LeCun 2022, the spectral view).
 
@@ -170,6 +171,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
 # ----------------------------------------------------------------------------- Barlow Twins
 
 
+@_autocast.fp32_loss
 def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend="auto"):
     r"""Barlow Twins (Zbontar et al. 2021), as ``facebookresearch/barlowtwins``.
 
@@ -226,6 +228,7 @@ def _contrastive_params(temperature, negatives, in_batch_negatives, decoupled):
                 negatives=negatives, in_batch_negatives=in_batch_negatives, decoupled=decoupled)
 
 
+@_autocast.fp32_loss
 def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None, in_batch_negatives=True,
                   decoupled=False, gather=False, backend="auto"):
     r"""InfoNCE over a sparse relation G: SimCLR (any number of views), SupCon, MoCo-style queues, DCL.
@@ -290,6 +293,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None
     return _positive_or_nan(out, temperature)
 
 
+@_autocast.fp32_loss
 def nt_xent_loss(z_a, z_b, *, temperature=0.5, negatives=None, in_batch_negatives=True, decoupled=False,
                  gather=False, backend="auto"):
     r"""SimCLR's NT-Xent over 2N anchors: row i of ``z_a`` and row i of ``z_b`` are positives.
@@ -338,6 +342,7 @@ def _check_two_sets(loss, z_a, z_b, labels, normalize, gathering):
         V.check_labels(labels, z_a.shape[0], z_a.device)
 
 
+@_autocast.fp32_loss
 def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=False, backend="auto"):
     r"""CLIP's symmetric cross-entropy over two sets (Radford et al. 2021; open_clip ``ClipLoss``).
 
@@ -381,6 +386,7 @@ def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=Fals
     return _positive_or_nan(out, logit_scale)
 
 
+@_autocast.fp32_loss
 def siglip_loss(z_a, z_b, logit_scale, logit_bias, *, labels=None, normalize=True, gather=False, backend="auto"):
     r"""SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023; open_clip ``SigLipLoss``).
 
@@ -434,6 +440,7 @@ def _series_guard_q(q):
     return matrix_guard.log_series_matrices(q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device))
 
 
+@_autocast.fp32_loss
 def matrix_log(q, *, order=4, method="taylor", check="raise"):
     r"""log Q by the Taylor series around I, or exactly by eigendecomposition.
 
@@ -484,6 +491,7 @@ def _mce_reference(p, q, *, order, check):
     return matrix_guard.guard(out, _series_guard_q(q), check, "matrix_cross_entropy")
 
 
+@_autocast.fp32_loss
 def matrix_cross_entropy(p, q, *, order=4, method="taylor", check="raise", backend="auto"):
     r"""Matrix cross-entropy :math:`\mathrm{MCE}(P, Q) = \mathrm{tr}(-P\log Q + Q)`.
 
@@ -554,6 +562,7 @@ def _matrix_ssl_exact(p, z, lambd, mu, gamma):
     return -lambd * logdet + gamma * alignment
 
 
+@_autocast.fp32_loss
 def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False, backend="auto", method="taylor", check="raise"):
     r"""Matrix-SSL (Zhang et al., arXiv 2305.17326) for one ordered pair (online p, target z).
 

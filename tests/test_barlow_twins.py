@@ -6,7 +6,7 @@ import torch
 import sslops
 from sslops import reference
 from sslops.ops import covariance as cov_ops
-from tests.test_vicreg import CPU, TRITON, HAVE_CPU, _cases, _check, _device, _grads, _rel_err, _two_view_inputs
+from tests.test_vicreg import CPU, TRITON, HAVE_CPU, _cases, _check, _grads, _rel_err, _two_view_inputs
 from tests.utils import noncontiguous, randn
 
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="sslops._C not built")
@@ -14,8 +14,7 @@ needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="sslops._C not built")
 
 @pytest.mark.parametrize("backend,n,k,dtype", _cases())
 @pytest.mark.parametrize("route", [0, 1, 2])
-def test_barlow_matches_reference(backend, n, k, dtype, route):
-    device = _device(backend)
+def test_barlow_matches_reference(backend, n, k, dtype, route, device):
     z_a, z_b = _two_view_inputs(n, k, dtype, device, seed=n * 17 + k)
     fn = cov_ops._barlow(backend, route)
     loss, (ga, gb) = _grads(lambda a, b: fn(a, b, lambd=0.0051, eps=1e-5), (z_a, z_b), grad_out=1.3)
@@ -30,8 +29,7 @@ def test_barlow_matches_reference(backend, n, k, dtype, route):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_barlow_public_api_noncontiguous_and_grad_out(backend):
-    device = _device(backend)
+def test_barlow_public_api_noncontiguous_and_grad_out(backend, device):
     z_a, z_b = _two_view_inputs(21, 18, torch.float32, device, seed=5)
     loss, (ga, gb) = _grads(lambda a, b: sslops.barlow_twins_loss(a, b, lambd=0.3, backend=backend),
                             (noncontiguous(z_a), noncontiguous(z_b)), grad_out=-2.1)
@@ -42,8 +40,7 @@ def test_barlow_public_api_noncontiguous_and_grad_out(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_barlow_zero_variance_columns(backend):
-    device = _device(backend)
+def test_barlow_zero_variance_columns(backend, device):
     z_a, z_b = _two_view_inputs(13, 8, torch.float64, device, seed=9)
     z_a[:, 1] = 2.5
     z_b[:, 6] = -4.0
@@ -55,8 +52,8 @@ def test_barlow_zero_variance_columns(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_barlow_nan_propagates(backend):
-    z_a, z_b = _two_view_inputs(6, 5, torch.float32, _device(backend), seed=2)
+def test_barlow_nan_propagates(backend, device):
+    z_a, z_b = _two_view_inputs(6, 5, torch.float32, device, seed=2)
     z_b[0, 0] = float("nan")
     assert torch.isnan(sslops.barlow_twins_loss(z_a, z_b, backend=backend))
 
@@ -78,12 +75,12 @@ def test_opcheck_barlow_ops(requires_grad, route, save):
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
 @pytest.mark.parametrize("route", [1, 2])
-def test_backward_without_saved_product_matches(backend, route):
-    z_a, z_b = _two_view_inputs(9, 6, torch.float64, _device(backend), seed=12)
+def test_backward_without_saved_product_matches(backend, route, device):
+    z_a, z_b = _two_view_inputs(9, 6, torch.float64, device, seed=12)
     outs = {}
     for save in (False, True):
         _, mean_a, rstd_a, mean_b, rstd_b, prod_a, prod_b = cov_ops.barlow_twins_fwd(z_a, z_b, 0.1, 1e-5, backend, route, save)
-        outs[save] = cov_ops.barlow_twins_bwd(torch.tensor(1.5, dtype=torch.float64, device=_device(backend)), z_a, z_b, mean_a, rstd_a, mean_b, rstd_b,
+        outs[save] = cov_ops.barlow_twins_bwd(torch.tensor(1.5, dtype=torch.float64, device=device), z_a, z_b, mean_a, rstd_a, mean_b, rstd_b,
                                               prod_a, prod_b, 0.1, backend, route)
     for x, y in zip(outs[False], outs[True]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
@@ -125,10 +122,10 @@ def test_autocast_bf16():
 @pytest.mark.triton
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-4), ("tf32", 5e-3)])
 @pytest.mark.parametrize("n,k", [(2048, 8192), (4097, 1025)])
-def test_gpu_large_tf32_vs_ieee_and_determinism(precision, tol, n, k):
+def test_gpu_large_tf32_vs_ieee_and_determinism(precision, tol, n, k, device):
     cov_ops.set_dot_precision(precision)
     try:
-        z_a, z_b = _two_view_inputs(n, k, torch.float32, "cuda", seed=n + k)
+        z_a, z_b = _two_view_inputs(n, k, torch.float32, device, seed=n + k)
         loss, (ga, gb) = _grads(lambda a, b: sslops.barlow_twins_loss(a, b, backend="triton"), (z_a, z_b))
         ref, (ra, rb) = _grads(lambda a, b: reference.barlow_twins_loss(a, b), (z_a.double(), z_b.double()))
         assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
@@ -142,13 +139,13 @@ def test_gpu_large_tf32_vs_ieee_and_determinism(precision, tol, n, k):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("route", [1, 2])
-def test_barlow_triton_row_chunks_match_reference(monkeypatch, dtype, route):
+def test_barlow_triton_row_chunks_match_reference(monkeypatch, dtype, route, device):
     """Statistics, diagonal and the batch-norm backward split over 3 row chunks (16+16+5):
     loss and gradients against float64, bit-identical reruns, NaN from one chunk."""
     from sslops.triton_kernels import covariance as tc
 
     monkeypatch.setattr(tc, "_ROW_CHUNK", 16)
-    z_a, z_b = _two_view_inputs(37, 20, dtype, "cpu", seed=41)
+    z_a, z_b = _two_view_inputs(37, 20, dtype, device, seed=41)
     fn = cov_ops._barlow("triton", route)
     loss, (ga, gb) = _grads(lambda a, b: fn(a, b, lambd=0.02, eps=1e-5), (z_a, z_b), grad_out=1.9)
     ref, (ra, rb) = _grads(lambda a, b: reference.barlow_twins_loss(a, b, 0.02, 1e-5), (z_a.double(), z_b.double()), grad_out=1.9)

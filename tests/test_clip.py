@@ -13,7 +13,7 @@ import torch
 
 import sslops
 from sslops import reference as R
-from tests.utils import DEVICE, INTERPRET, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
+from tests.utils import INTERPRET, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
 
 BACKENDS = kernel_backends("clip")
 HAS_CPU = sslops._extension.LOADED
@@ -22,15 +22,15 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU or INTERPRET, reason="the C++ CPU bac
 SIZES = [(n, k) for n in (1, 2, 3, 97, 1025) for k in (1, 3, 129)]
 
 
-def case(n, k, dtype, *, seed=0, labels=False, device=DEVICE, scale_tensor=True):
+def case(n, k, dtype, device, *, seed=0, labels=False, scale_tensor=True):
     a, b = randn(n, k, dtype, device=device, seed=seed), randn(n, k, dtype, device=device, seed=seed + 1)
     lab = (torch.arange(n, device=device) % max(1, n // 3)) if labels else None
     scale = torch.tensor(1 / 0.07, device=device, dtype=acc_dtype(dtype)) if scale_tensor else 1 / 0.07
     return a, b, lab, scale
 
 
-def check(backend, n, k, dtype, *, seed=0, labels=False, normalize=True, grad_tol_scale=1.0, device=DEVICE, wrap=None):
-    a, b, lab, scale = case(n, k, dtype, seed=seed, labels=labels, device=device)
+def check(backend, n, k, dtype, device, *, seed=0, labels=False, normalize=True, grad_tol_scale=1.0, wrap=None):
+    a, b, lab, scale = case(n, k, dtype, device, seed=seed, labels=labels)
     if not normalize:  # open_clip's convention: features normalised upstream, used as given
         a = torch.nn.functional.normalize(a.double(), dim=1).to(dtype)
         b = torch.nn.functional.normalize(b.double(), dim=1).to(dtype)
@@ -48,44 +48,44 @@ def check(backend, n, k, dtype, *, seed=0, labels=False, normalize=True, grad_to
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k", SIZES)
-def test_every_size_fp32(backend, n, k):
-    check(backend, n, k, torch.float32, seed=n + k)
+def test_every_size_fp32(backend, n, k, device):
+    check(backend, n, k, torch.float32, device, seed=n + k)
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("labels,normalize", [(False, True), (True, True), (False, False)])
-def test_labels_normalize_dtypes(backend, dtype, labels, normalize):
+def test_labels_normalize_dtypes(backend, dtype, labels, normalize, device):
     low = dtype in (torch.bfloat16, torch.float16)
-    check(backend, 300, 17, dtype, seed=3, labels=labels, normalize=normalize, grad_tol_scale=2.0 if low else 1.0)
+    check(backend, 300, 17, dtype, device, seed=3, labels=labels, normalize=normalize, grad_tol_scale=2.0 if low else 1.0)
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous(backend):
-    check(backend, 65, 33, torch.float32, seed=5, labels=True, wrap=noncontiguous)
+def test_noncontiguous(backend, device):
+    check(backend, 65, 33, torch.float32, device, seed=5, labels=True, wrap=noncontiguous)
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reruns_bit_identical_and_nan(backend):
-    a, b, lab, scale = case(300, 40, torch.float32, seed=4, labels=True)
+def test_reruns_bit_identical_and_nan(backend, device):
+    a, b, lab, scale = case(300, 40, torch.float32, device, seed=4, labels=True)
     first = loss_and_grads(lambda x, y, t: sslops.clip_loss(x, y, t, labels=lab, backend=backend), [a, b, scale])
     again = loss_and_grads(lambda x, y, t: sslops.clip_loss(x, y, t, labels=lab, backend=backend), [a, b, scale])
     assert torch.equal(first[0], again[0]) and all(torch.equal(x, y) for x, y in zip(first[1], again[1]))
     a[3, 1] = float("nan")
     assert torch.isnan(sslops.clip_loss(a, b, scale, backend=backend))
-    assert torch.isnan(sslops.clip_loss(b, b, torch.tensor(-1.0, device=DEVICE), backend=backend))
+    assert torch.isnan(sslops.clip_loss(b, b, torch.tensor(-1.0, device=device), backend=backend))
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_high_scale_bf16_is_finite(backend):
+def test_high_scale_bf16_is_finite(backend, device):
     """t = 100 (open_clip's clamp) with near-duplicate pairs: logits up to 100 stay finite in bf16."""
     n, k = 128, 32
-    a = randn(n, k, torch.bfloat16, seed=9, device=DEVICE)
-    b = (a.float() + 0.01 * randn(n, k, seed=10, device=DEVICE)).to(torch.bfloat16)
+    a = randn(n, k, torch.bfloat16, seed=9, device=device)
+    b = (a.float() + 0.01 * randn(n, k, seed=10, device=device)).to(torch.bfloat16)
     loss, grads = loss_and_grads(lambda x, y: sslops.clip_loss(x, y, 100.0, backend=backend), [a, b])
     assert torch.isfinite(loss) and all(torch.isfinite(g.float()).all() for g in grads)
     torch.testing.assert_close(loss.double().cpu(), R.clip_loss(a.double().cpu(), b.double().cpu(), 100.0),
@@ -200,15 +200,15 @@ TRITON_SIZES = [(1, 3), (2, 1), (3, 5), (33, 3), (40, 37)]
 @pytest.mark.triton
 @pytest.mark.parametrize("n,k", TRITON_SIZES)
 @pytest.mark.parametrize("labels", [False, True])
-def test_triton_matches_reference(n, k, labels):
-    check("triton", n, k, torch.float32, seed=n * 3 + k, labels=labels)
+def test_triton_matches_reference(n, k, labels, device):
+    check("triton", n, k, torch.float32, device, seed=n * 3 + k, labels=labels)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_triton_dtypes_and_raw_inputs(dtype):
-    check("triton", 37, 19, dtype, seed=5, labels=True, grad_tol_scale=2.0)
-    check("triton", 21, 9, dtype, seed=6, normalize=False, grad_tol_scale=2.0, wrap=noncontiguous)
+def test_triton_dtypes_and_raw_inputs(dtype, device):
+    check("triton", 37, 19, dtype, device, seed=5, labels=True, grad_tol_scale=2.0)
+    check("triton", 21, 9, dtype, device, seed=6, normalize=False, grad_tol_scale=2.0, wrap=noncontiguous)
 
 
 # ----------------------------------------------------------------------------- GPU lane
@@ -217,9 +217,9 @@ def test_triton_dtypes_and_raw_inputs(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_large_and_reruns(backend, dtype):
-    check(backend, 8193, 128, dtype, seed=21, labels=True, grad_tol_scale=2.0, device="cuda")
-    a, b, lab, scale = case(4099, 256, dtype, seed=22, device="cuda")
+def test_gpu_large_and_reruns(backend, dtype, device):
+    check(backend, 8193, 128, dtype, device, seed=21, labels=True, grad_tol_scale=2.0)
+    a, b, lab, scale = case(4099, 256, dtype, "cuda", seed=22)
     first = loss_and_grads(lambda x, y, t: sslops.clip_loss(x, y, t, backend=backend), [a, b, scale])
     for _ in range(20):
         again = loss_and_grads(lambda x, y, t: sslops.clip_loss(x, y, t, backend=backend), [a, b, scale])
@@ -228,10 +228,10 @@ def test_gpu_large_and_reruns(backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_target_shape_runs_in_memory(backend):
+def test_gpu_target_shape_runs_in_memory(backend, device):
     """N = 65536, K = 512, bf16 (the issue's GPU target): runs, finite, at most 1 GB above the inputs."""
     n, k = 65536, 512
-    a, b, _, scale = case(n, k, torch.bfloat16, seed=23, device="cuda")
+    a, b, _, scale = case(n, k, torch.bfloat16, "cuda", seed=23)
     a.requires_grad_(), b.requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -55,13 +55,13 @@ def _exact(z):
 @pytest.mark.triton
 @pytest.mark.parametrize("chunk", [16, 10, 5, 37])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_triton_col_stats_row_chunks(monkeypatch, chunk, dtype):
+def test_triton_col_stats_row_chunks(monkeypatch, chunk, dtype, device):
     """N = 37 rows in chunks of 16 (16+16+5), 10 (not a multiple of the row block), 5, 37 (one):
     the per-chunk (mean, m2, sq) merged by Chan's formula against float64, |mean| >> std."""
     tc = _triton_cov()
     monkeypatch.setattr(tc, "_ROW_CHUNK", chunk)
-    z = randn(37, 40, dtype, seed=chunk, scale=2.0, shift=1e3 if dtype != torch.bfloat16 else 10.0)
-    other = randn(37, 40, dtype, seed=chunk + 1, scale=2.0, shift=1e3 if dtype != torch.bfloat16 else 10.0)
+    z = randn(37, 40, dtype, device, seed=chunk, scale=2.0, shift=1e3 if dtype != torch.bfloat16 else 10.0)
+    other = randn(37, 40, dtype, device, seed=chunk + 1, scale=2.0, shift=1e3 if dtype != torch.bfloat16 else 10.0)
     mean, m2, sq = tc._col_stats(z, other)
     mu, exact_m2 = _exact(z)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -73,11 +73,11 @@ def test_triton_col_stats_row_chunks(monkeypatch, chunk, dtype):
 
 
 @pytest.mark.triton
-def test_triton_col_stats_chunks_nan_and_bit_identical_reruns(monkeypatch):
+def test_triton_col_stats_chunks_nan_and_bit_identical_reruns(monkeypatch, device):
     tc = _triton_cov()
     monkeypatch.setattr(tc, "_ROW_CHUNK", 16)
-    z = randn(37, 19, torch.float32, seed=11)
-    other = randn(37, 19, torch.float32, seed=12)
+    z = randn(37, 19, torch.float32, device, seed=11)
+    other = randn(37, 19, torch.float32, device, seed=12)
     first = tc._col_stats(z, other)
     for again in (tc._col_stats(z, other), tc._col_stats(z.clone(), other.clone())):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -85,12 +85,12 @@ def test_triton_col_stats_chunks_nan_and_bit_identical_reruns(monkeypatch):
     other[36, 7] = float("nan")  # the last, short chunk: reaches sq only
     mean, m2, sq = tc._col_stats(z, other)
     assert torch.isnan(mean[3]) and torch.isnan(m2[3]) and torch.isnan(sq[3]) and torch.isnan(sq[7])
-    keep = torch.ones(19, dtype=torch.bool)
+    keep = torch.ones(19, dtype=torch.bool, device=device)
     keep[3] = False
     mu, exact_m2 = _exact(z[:, keep])
     torch.testing.assert_close(mean[keep].double(), mu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m2[keep].double(), exact_m2, rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(sq[keep & (torch.arange(19) != 7)]).all()
+    assert torch.isfinite(sq[keep & (torch.arange(19, device=device) != 7)]).all()
 
 
 def test_triton_row_chunk_sizing(monkeypatch):

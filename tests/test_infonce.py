@@ -15,7 +15,7 @@ import torch
 import sslops
 from sslops import reference as R
 from sslops.ops import infonce as ops
-from tests.utils import (DEVICE, INTERPRET, TOLERANCES, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
+from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
                          noncontiguous, randn)
 
 BACKENDS = kernel_backends("info_nce")
@@ -57,7 +57,7 @@ def kernel_loss_and_grad(z, rel, tau, scale, backend):
     return loss.detach(), zz.grad
 
 
-def check(backend, n, k, kind, dtype, tau=0.1, seed=0, device=DEVICE, grad_tol_scale=1.0):
+def check(backend, n, k, kind, dtype, device, tau=0.1, seed=0, grad_tol_scale=1.0):
     z = randn(n, k, dtype, device=device, seed=seed)
     rel = relation(kind, n, seed=seed, device=device)
     loss, grad = kernel_loss_and_grad(z, rel, tau, 1.7, backend)
@@ -83,8 +83,8 @@ SIZES = [(n, k) for n in (1, 2, 3, 97, 1025) for k in (1, 3, 129)]
 @pytest.mark.skipif(INTERPRET, reason="large sizes: the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k", SIZES)
-def test_two_views_every_size_fp32(backend, n, k):
-    check(backend, n, k, "two_views", torch.float32, seed=n + k)
+def test_two_views_every_size_fp32(backend, n, k, device):
+    check(backend, n, k, "two_views", torch.float32, device, seed=n + k)
 
 
 @pytestmark_kernels
@@ -93,19 +93,19 @@ def test_two_views_every_size_fp32(backend, n, k):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(3, 5), (97, 129), (300, 17)])
-def test_relations_and_dtypes(backend, kind, dtype, n, k):
-    check(backend, n, k, kind, dtype, seed=7 * n + k, grad_tol_scale=2.0 if dtype in (torch.bfloat16, torch.float16) else 1.0)
+def test_relations_and_dtypes(backend, kind, dtype, n, k, device):
+    check(backend, n, k, kind, dtype, device, seed=7 * n + k, grad_tol_scale=2.0 if dtype in (torch.bfloat16, torch.float16) else 1.0)
 
 
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("views4", "supcon", "pairs"))
-def test_row_window_matches_reference(backend, kind):
+def test_row_window_matches_reference(backend, kind, device):
     """The distributed contract: anchors [row_start, row_end) against all M rows, gradient to all M rows."""
     m, k, tau = 203, 19, 0.2
-    z = randn(m, k, seed=11, device=DEVICE)
-    rel = relation(kind, m, seed=11, device=DEVICE)
+    z = randn(m, k, seed=11, device=device)
+    rel = relation(kind, m, seed=11, device=device)
     for rs, re in [(0, m), (0, 64), (70, 141), (140, m), (77, 77)]:
         check_row_window(z, rel, tau, rs, re, backend, seed=rs)
 
@@ -129,14 +129,14 @@ def check_row_window(z, rel, tau, rs, re, backend, seed):
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous_and_int32_labels(backend):
-    z = randn(65, 33, seed=5, device=DEVICE)
-    labels = torch.arange(65, device=DEVICE) % 20
+def test_noncontiguous_and_int32_labels(backend, device):
+    z = randn(65, 33, seed=5, device=device)
+    labels = torch.arange(65, device=device) % 20
     a = kernel_loss_and_grad(noncontiguous(z), dict(labels=labels.to(torch.int32)), 0.3, 0.5, backend)
     b = kernel_loss_and_grad(z, dict(labels=labels), 0.3, 0.5, backend)
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
-    pairs = torch.stack([torch.arange(60), torch.arange(60) + 5]).to(DEVICE)
+    pairs = torch.stack([torch.arange(60), torch.arange(60) + 5]).to(device)
     c = kernel_loss_and_grad(z, dict(pairs=noncontiguous(pairs.t().contiguous()).t()), 0.3, 0.5, backend)
     d = kernel_loss_and_grad(z, dict(pairs=pairs), 0.3, 0.5, backend)
     torch.testing.assert_close(c[0], d[0])
@@ -146,10 +146,10 @@ def test_noncontiguous_and_int32_labels(backend):
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_positive_anywhere_gives_zero_and_zero_grad(backend):
-    z = randn(40, 8, seed=2, device=DEVICE)
-    for rel in (dict(labels=torch.arange(40, device=DEVICE)), dict(pairs=torch.zeros(2, 0, dtype=torch.long, device=DEVICE)),
-                dict(pairs=torch.tensor([[3, 5], [3, 5]], device=DEVICE))):
+def test_no_positive_anywhere_gives_zero_and_zero_grad(backend, device):
+    z = randn(40, 8, seed=2, device=device)
+    for rel in (dict(labels=torch.arange(40, device=device)), dict(pairs=torch.zeros(2, 0, dtype=torch.long, device=device)),
+                dict(pairs=torch.tensor([[3, 5], [3, 5]], device=device))):
         loss, grad = kernel_loss_and_grad(z, rel, 0.1, 1.0, backend)
         assert loss.item() == 0.0
         assert torch.count_nonzero(grad).item() == 0
@@ -159,13 +159,13 @@ def test_no_positive_anywhere_gives_zero_and_zero_grad(backend):
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_temperature_half_precision_stays_finite_and_accurate(backend, dtype):
+def test_low_temperature_half_precision_stays_finite_and_accurate(backend, dtype, device):
     n, k, tau = 128, 32, 0.01
-    z = randn(n, k, dtype, seed=9, device=DEVICE)
+    z = randn(n, k, dtype, seed=9, device=device)
     # near-duplicate rows push s_ij/τ to about 100: a half-precision logit would overflow
-    z[n // 2:] = (z[: n // 2].float() + 0.01 * randn(n // 2, k, seed=10, device=DEVICE)).to(dtype)
+    z[n // 2:] = (z[: n // 2].float() + 0.01 * randn(n // 2, k, seed=10, device=device)).to(dtype)
     rel = relation("two_views", n)
-    rel = {a: b.to(DEVICE) for a, b in rel.items()}
+    rel = {a: b.to(device) for a, b in rel.items()}
     loss, grad = kernel_loss_and_grad(z, rel, tau, 1.0, backend)
     assert torch.isfinite(loss) and torch.isfinite(grad.float()).all()
     ref_loss, _ = reference_loss_and_grad(z, rel, tau, 1.0)
@@ -175,20 +175,20 @@ def test_low_temperature_half_precision_stays_finite_and_accurate(backend, dtype
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_gives_nan_loss(backend):
+def test_nan_input_gives_nan_loss(backend, device):
     for kind in ("two_views", "pairs"):
-        z = randn(30, 6, seed=1, device=DEVICE)
+        z = randn(30, 6, seed=1, device=device)
         z[4, 2] = float("nan")
-        loss = sslops.info_nce_loss(z, temperature=0.1, backend=backend, **relation(kind, 30, device=DEVICE))
+        loss = sslops.info_nce_loss(z, temperature=0.1, backend=backend, **relation(kind, 30, device=device))
         assert torch.isnan(loss)
 
 
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reruns_are_bit_identical(backend):
-    z = randn(300, 40, seed=4, device=DEVICE)
-    rel = relation("supcon", 300, seed=4, device=DEVICE)
+def test_reruns_are_bit_identical(backend, device):
+    z = randn(300, 40, seed=4, device=device)
+    rel = relation("supcon", 300, seed=4, device=device)
     first = kernel_loss_and_grad(z, rel, 0.1, 1.3, backend)
     for _ in range(3):
         again = kernel_loss_and_grad(z, rel, 0.1, 1.3, backend)
@@ -311,7 +311,7 @@ def test_auto_picks_cpu_on_cpu_tensors():
 DECOUPLED = (False, True, "weighted")
 
 
-def options_case(n, k, m, dtype, *, kind="two_views", seed=0, neg_grad=False, tau_tensor=False, device=DEVICE):
+def options_case(n, k, m, dtype, device, *, kind="two_views", seed=0, neg_grad=False, tau_tensor=False):
     """(z, negatives or None, relation, temperature): a queue of m rows that may require grad, τ a float or a 0-d tensor."""
     z = randn(n, k, dtype, device=device, seed=seed)
     neg = randn(m, k, dtype, device=device, seed=seed + 1) if m else None
@@ -321,11 +321,11 @@ def options_case(n, k, m, dtype, *, kind="two_views", seed=0, neg_grad=False, ta
     return z, neg, relation(kind, n, seed=seed, device=device), tau
 
 
-def check_info_nce_options(backend, n, k, m, dtype, *, kind="two_views", in_batch=True, decoupled=False, seed=0,
-                           neg_grad=True, tau_tensor=True, grad_tol_scale=1.0, device=DEVICE):
+def check_info_nce_options(backend, n, k, m, dtype, device, *, kind="two_views", in_batch=True, decoupled=False, seed=0,
+                           neg_grad=True, tau_tensor=True, grad_tol_scale=1.0):
     """info_nce_loss with negatives / in_batch_negatives / decoupled / a tensor temperature against the float64
     reference: loss, dz, dnegatives and dτ (grad_output ≠ 1)."""
-    z, neg, rel, tau = options_case(n, k, m, dtype, kind=kind, seed=seed, tau_tensor=tau_tensor, device=device)
+    z, neg, rel, tau = options_case(n, k, m, dtype, device, kind=kind, seed=seed, tau_tensor=tau_tensor)
     (key, value), = rel.items()
     tensors = [z] + ([neg] if neg is not None and neg_grad else []) + ([tau] if tau_tensor else [])
 
@@ -342,8 +342,7 @@ def check_info_nce_options(backend, n, k, m, dtype, *, kind="two_views", in_batc
                                    grad_floor=grad_floor(k))
 
 
-def check_nt_xent_options(backend, n, k, m, dtype, *, in_batch=True, decoupled=False, seed=0, grad_tol_scale=1.0,
-                          device=DEVICE):
+def check_nt_xent_options(backend, n, k, m, dtype, device, *, in_batch=True, decoupled=False, seed=0, grad_tol_scale=1.0):
     z_a, z_b = randn(n, k, dtype, device=device, seed=seed), randn(n, k, dtype, device=device, seed=seed + 1)
     neg = randn(m, k, dtype, device=device, seed=seed + 2) if m else None
     tau = torch.tensor(0.3, device=device, dtype=acc_dtype(dtype))
@@ -363,8 +362,8 @@ def check_nt_xent_options(backend, n, k, m, dtype, *, in_batch=True, decoupled=F
 @pytest.mark.parametrize("kind", ("two_views", "supcon", "pairs"))
 @pytest.mark.parametrize("in_batch,m", [(True, 0), (True, 5), (False, 5)])
 @pytest.mark.parametrize("decoupled", DECOUPLED, ids=str)
-def test_options_every_relation(backend, kind, in_batch, m, decoupled):
-    check_info_nce_options(backend, 97, 13, m, torch.float32, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m + 3)
+def test_options_every_relation(backend, kind, in_batch, m, decoupled, device):
+    check_info_nce_options(backend, 97, 13, m, torch.float32, device, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m + 3)
 
 
 @pytestmark_kernels
@@ -372,10 +371,10 @@ def test_options_every_relation(backend, kind, in_batch, m, decoupled):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k", SIZES)
 @pytest.mark.parametrize("m", (1, 4097))
-def test_queue_every_size(backend, n, k, m):
+def test_queue_every_size(backend, n, k, m, device):
     """A MoCo queue of M = 1 and 4097 rows (straddling the column tiles), every N and K."""
-    check_info_nce_options(backend, n, k, m, torch.float32, seed=n + k + m)
-    check_nt_xent_options(backend, n, k, m, torch.float32, in_batch=False, seed=n + k)
+    check_info_nce_options(backend, n, k, m, torch.float32, device, seed=n + k + m)
+    check_nt_xent_options(backend, n, k, m, torch.float32, device, in_batch=False, seed=n + k)
 
 
 @pytestmark_kernels
@@ -384,19 +383,19 @@ def test_queue_every_size(backend, n, k, m):
 @pytest.mark.parametrize("in_batch,decoupled", [(True, False), (True, True), (True, "weighted"), (False, False),
                                                 (False, "weighted")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_nt_xent_options_dtypes(backend, in_batch, decoupled, dtype):
+def test_nt_xent_options_dtypes(backend, in_batch, decoupled, dtype, device):
     low = dtype in (torch.bfloat16, torch.float16)
-    check_nt_xent_options(backend, 37, 19, 11, dtype, in_batch=in_batch, decoupled=decoupled, seed=5,
+    check_nt_xent_options(backend, 37, 19, 11, dtype, device, in_batch=in_batch, decoupled=decoupled, seed=5,
                           grad_tol_scale=2.0 if low else 1.0)
 
 
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_options_noncontiguous(backend):
-    z = randn(41, 17, seed=7, device=DEVICE)
-    neg = randn(9, 17, seed=8, device=DEVICE)
-    labels = torch.arange(41, device=DEVICE) % 13
+def test_options_noncontiguous(backend, device):
+    z = randn(41, 17, seed=7, device=device)
+    neg = randn(9, 17, seed=8, device=device)
+    labels = torch.arange(41, device=device) % 13
     a = sslops.info_nce_loss(noncontiguous(z), labels=labels, negatives=noncontiguous(neg), decoupled=True, backend=backend)
     b = sslops.info_nce_loss(z, labels=labels, negatives=neg, decoupled=True, backend=backend)
     torch.testing.assert_close(a, b)
@@ -405,9 +404,9 @@ def test_options_noncontiguous(backend):
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decoupled_without_candidates_is_zero(backend):
-    z = randn(6, 4, seed=3, device=DEVICE).requires_grad_()
-    loss = sslops.info_nce_loss(z, labels=torch.zeros(6, dtype=torch.long, device=DEVICE), decoupled=True, backend=backend)
+def test_decoupled_without_candidates_is_zero(backend, device):
+    z = randn(6, 4, seed=3, device=device).requires_grad_()
+    loss = sslops.info_nce_loss(z, labels=torch.zeros(6, dtype=torch.long, device=device), decoupled=True, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(z.grad).item() == 0
 
@@ -415,19 +414,19 @@ def test_decoupled_without_candidates_is_zero(backend):
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_positive_tensor_temperature_gives_nan(backend):
-    z = randn(8, 3, seed=1, device=DEVICE)
-    labels = torch.arange(8, device=DEVICE) % 4
+def test_non_positive_tensor_temperature_gives_nan(backend, device):
+    z = randn(8, 3, seed=1, device=device)
+    labels = torch.arange(8, device=device) % 4
     for tau in (0.0, -0.5):
-        assert torch.isnan(sslops.info_nce_loss(z, labels=labels, temperature=torch.tensor(tau, device=DEVICE), backend=backend))
+        assert torch.isnan(sslops.info_nce_loss(z, labels=labels, temperature=torch.tensor(tau, device=device), backend=backend))
 
 
 @pytestmark_kernels
 @pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_options_reruns_are_bit_identical(backend):
-    z, neg, rel, _ = options_case(300, 40, 70, torch.float32, kind="supcon", seed=4)
-    tau = torch.tensor(0.1, device=DEVICE)
+def test_options_reruns_are_bit_identical(backend, device):
+    z, neg, rel, _ = options_case(300, 40, 70, torch.float32, device, kind="supcon", seed=4)
+    tau = torch.tensor(0.1, device=device)
 
     def once():
         zz, qq, tt = z.clone().requires_grad_(), neg.clone().requires_grad_(), tau.clone().requires_grad_()
@@ -500,35 +499,35 @@ TRITON_SIZES = [(1, 3), (2, 1), (3, 5), (33, 3), (40, 37)]
 @pytest.mark.triton
 @pytest.mark.parametrize("n,k", TRITON_SIZES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_triton_matches_reference(n, k, kind):
-    check("triton", n, k, kind, torch.float32, seed=n * 3 + k)
+def test_triton_matches_reference(n, k, kind, device):
+    check("triton", n, k, kind, torch.float32, device, seed=n * 3 + k)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_triton_dtypes(dtype):
-    check("triton", 37, 19, "supcon", dtype, seed=5, grad_tol_scale=2.0)
+def test_triton_dtypes(dtype, device):
+    check("triton", 37, 19, "supcon", dtype, device, seed=5, grad_tol_scale=2.0)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", ("views3", "pairs"))
-def test_triton_row_window_and_noncontiguous(kind):
+def test_triton_row_window_and_noncontiguous(kind, device):
     m, k, tau = 38, 7, 0.2
-    z = noncontiguous(randn(m, k, seed=13, device=DEVICE))
-    rel = relation(kind, m, seed=13, device=DEVICE)
+    z = noncontiguous(randn(m, k, seed=13, device=device))
+    rel = relation(kind, m, seed=13, device=device)
     check_row_window(z, rel, tau, 9, 31, "triton", seed=1)
 
 
 @pytest.mark.triton
-def test_triton_fp16_backward_keeps_tiny_pair_weights():
+def test_triton_fp16_backward_keeps_tiny_pair_weights(device):
     """fp16 rows of very different norms: a backward that feeds D·diag(1/‖z_c‖) to tl.dot in fp16
     flushes the big rows' columns (≈ 1e-8, under fp16's smallest subnormal) to zero. The same loss
     at batch sizes in the thousands does this to most pairs (p_ij·a_i/τ ≈ 1/N²)."""
     n, k, tau = 24, 16, 1.0
     z64 = randn(n, k, torch.float64, seed=31)
     z64[::2] *= 2e4
-    z = z64.clamp(-6e4, 6e4).to(torch.float16).to(DEVICE)
-    rel = dict(labels=(torch.arange(n) % 3).to(DEVICE))
+    z = z64.clamp(-6e4, 6e4).to(torch.float16).to(device)
+    rel = dict(labels=(torch.arange(n) % 3).to(device))
     loss, grad = kernel_loss_and_grad(z, rel, tau, 1.0, "triton")
     ref_loss, ref_grad = reference_loss_and_grad(z, rel, tau, 1.0)
     torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-3, rtol=1e-3)
@@ -540,7 +539,7 @@ def test_triton_fp16_backward_keeps_tiny_pair_weights():
 # rows 16-aligned / not (both branches of _tiles); K > 128: two dẑ slices per row block
 @pytest.mark.parametrize("k,kind", [(144, "supcon"), (130, "pairs")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind):
+def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind, device):
     """The block shapes, K chunks and dẑ slices a GPU launch uses (``_tiles`` outside the
     interpreter: 32- and 64-row tiles, BLOCK_K 16–64, BLOCK_KO 64/128), run by the interpreter
     at 70 rows (one full and one partial block of 64, three blocks of 32) and K > BLOCK_KO
@@ -558,14 +557,14 @@ def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind):
         return cfg
 
     monkeypatch.setattr(tk, "_tiles", tiles)
-    check("triton", 70, k, kind, dtype, seed=k, grad_tol_scale=2.0)
+    check("triton", 70, k, kind, dtype, device, seed=k, grad_tol_scale=2.0)
     assert {(kern, al) for kern, al, _ in seen} == {("forward", k % 16 == 0), ("backward", k % 16 == 0)}
     assert all(cfg[0] >= 32 and cfg[1] >= 32 for _, _, cfg in seen)  # not the interpreter's 16×16
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_gpu_launch_configs_options(monkeypatch, dtype):
+def test_triton_gpu_launch_configs_options(monkeypatch, dtype, device):
     """The GPU launch configurations (as in test_triton_gpu_launch_configs) of the §3b variants:
     the CSR walk under DCL (fp32's 32-column backward tile), a queue with DCLW, CLIP, SigLIP."""
     from sslops.triton_kernels import infonce as tk
@@ -582,10 +581,12 @@ def test_triton_gpu_launch_configs_options(monkeypatch, dtype):
 
     monkeypatch.setattr(tk, "_tiles", tiles)
     low = dtype == torch.bfloat16
-    check_info_nce_options("triton", 70, 130, 0, dtype, kind="pairs", decoupled=True, grad_tol_scale=2.0 if low else 1.0)
-    check_info_nce_options("triton", 70, 33, 40, dtype, kind="supcon", decoupled="weighted", grad_tol_scale=2.0 if low else 1.0)
-    test_clip.check("triton", 70, 40, dtype, seed=3, labels=True, grad_tol_scale=2.0)
-    test_siglip.check("triton", 70, 40, dtype, seed=4, grad_tol_scale=2.0)
+    check_info_nce_options("triton", 70, 130, 0, dtype, device, kind="pairs", decoupled=True,
+                           grad_tol_scale=2.0 if low else 1.0)
+    check_info_nce_options("triton", 70, 33, 40, dtype, device, kind="supcon", decoupled="weighted",
+                           grad_tol_scale=2.0 if low else 1.0)
+    test_clip.check("triton", 70, 40, dtype, device, seed=3, labels=True, grad_tol_scale=2.0)
+    test_siglip.check("triton", 70, 40, dtype, device, seed=4, grad_tol_scale=2.0)
     assert any(m for _, m, _ in seen)  # the CSR walk's variant was launched
     if dtype == torch.float32:
         assert any(kern == "backward" and m and cfg[1] == 32 for kern, m, cfg in seen)
@@ -593,28 +594,28 @@ def test_triton_gpu_launch_configs_options(monkeypatch, dtype):
 
 
 @pytest.mark.triton
-def test_triton_no_positive_and_nan():
-    z = randn(20, 4, seed=2, device=DEVICE)
-    loss, grad = kernel_loss_and_grad(z, dict(labels=torch.arange(20, device=DEVICE)), 0.1, 1.0, "triton")
+def test_triton_no_positive_and_nan(device):
+    z = randn(20, 4, seed=2, device=device)
+    loss, grad = kernel_loss_and_grad(z, dict(labels=torch.arange(20, device=device)), 0.1, 1.0, "triton")
     assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
     z[3, 1] = float("nan")
-    assert torch.isnan(sslops.info_nce_loss(z, labels=torch.arange(20, device=DEVICE) % 10, backend="triton"))
+    assert torch.isnan(sslops.info_nce_loss(z, labels=torch.arange(20, device=device) % 10, backend="triton"))
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind,in_batch,m", [("views3", True, 5), ("pairs", False, 5), ("supcon", True, 0), ("pairs", True, 3)])
 @pytest.mark.parametrize("decoupled", DECOUPLED, ids=str)
-def test_triton_options(kind, in_batch, m, decoupled):
+def test_triton_options(kind, in_batch, m, decoupled, device):
     """Queue negatives (with their gradient), no in-batch negatives, DCL/DCLW (labels and the CSR
-    membership search), a tensor temperature, under the interpreter's 16×16 blocks."""
-    check_info_nce_options("triton", 21, 5, m, torch.float32, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m)
+    membership walk), a tensor temperature, under the interpreter's 16×16 blocks."""
+    check_info_nce_options("triton", 21, 5, m, torch.float32, device, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_triton_nt_xent_queue_dtypes(dtype):
-    check_nt_xent_options("triton", 9, 7, 19, dtype, in_batch=False, decoupled="weighted", seed=2, grad_tol_scale=2.0)
-    check_nt_xent_options("triton", 9, 7, 19, dtype, in_batch=True, decoupled=True, seed=3, grad_tol_scale=2.0)
+def test_triton_nt_xent_queue_dtypes(dtype, device):
+    check_nt_xent_options("triton", 9, 7, 19, dtype, device, in_batch=False, decoupled="weighted", seed=2, grad_tol_scale=2.0)
+    check_nt_xent_options("triton", 9, 7, 19, dtype, device, in_batch=True, decoupled=True, seed=3, grad_tol_scale=2.0)
 
 
 # ----------------------------------------------------------------------------- GPU lane
@@ -651,11 +652,11 @@ def chunked_reference(z, labels, tau, chunk=1024):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
-def test_gpu_int32_overflow_shape(backend):
+def test_gpu_int32_overflow_shape(backend, device):
     """N = 65536: N·N = 2³² similarities, so any int32 tile offset would wrap."""
     n, k = 65536, 16
-    z = randn(n, k, torch.float32, device="cuda", seed=21)
-    labels = (torch.arange(n, device="cuda") % (n // 2))
+    z = randn(n, k, torch.float32, device=device, seed=21)
+    labels = (torch.arange(n, device=device) % (n // 2))
     loss, grad = kernel_loss_and_grad(z, dict(labels=labels), 0.1, 1.0, backend)
     ref_loss, ref_grad = chunked_reference(z, labels, 0.1)
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-4, rtol=1e-4)
@@ -665,9 +666,9 @@ def test_gpu_int32_overflow_shape(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_hundred_reruns_bit_identical(backend, dtype):
-    z = randn(4099, 256, dtype, device="cuda", seed=22)
-    rel = relation("supcon", 4099, seed=22, device="cuda")
+def test_gpu_hundred_reruns_bit_identical(backend, dtype, device):
+    z = randn(4099, 256, dtype, device=device, seed=22)
+    rel = relation("supcon", 4099, seed=22, device=device)
     first = kernel_loss_and_grad(z, rel, 0.07, 1.0, backend)
     for _ in range(100):
         again = kernel_loss_and_grad(z, rel, 0.07, 1.0, backend)
@@ -676,20 +677,20 @@ def test_gpu_hundred_reruns_bit_identical(backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
-def test_gpu_fp32_is_ieee_not_tf32(backend):
+def test_gpu_fp32_is_ieee_not_tf32(backend, device):
     """fp32 inputs must not be multiplied in TF32: the loss would be off by ~1e-3 at τ = 0.05."""
-    check(backend, 2048, 256, "views4", torch.float32, tau=0.05, seed=23, device="cuda")
+    check(backend, 2048, 256, "views4", torch.float32, device, tau=0.05, seed=23)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
-def test_gpu_large_batch_fp16_gradient(backend):
+def test_gpu_large_batch_fp16_gradient(backend, device):
     """fp16 at N = 8193 with a shared mean direction (as trained embeddings have): the backward's
     pair weights a·p/(τ‖z‖) are ~1e-8, under fp16's smallest subnormal. Fed to the tensor cores in
     fp16 they flush to zero (emulated: 89% of them, gradient off by 38% of its largest entry)."""
     n, k, tau = 8193, 128, 0.1
-    z = randn(n, k, torch.float16, device="cuda", seed=25, shift=1.0)
-    rel = relation("two_views", n, device="cuda")
+    z = randn(n, k, torch.float16, device=device, seed=25, shift=1.0)
+    rel = relation("two_views", n, device=device)
     loss, grad = kernel_loss_and_grad(z, rel, tau, 1.0, backend)
     ref_loss, ref_grad = reference_loss_and_grad(z, rel, tau, 1.0)
     torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-3, rtol=1e-3)
@@ -700,5 +701,5 @@ def test_gpu_large_batch_fp16_gradient(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")] or ["triton"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gpu_large_relations_bf16(backend, kind):
-    check(backend, 8193, 128, kind, torch.bfloat16, tau=0.1, seed=24, device="cuda", grad_tol_scale=2.0)
+def test_gpu_large_relations_bf16(backend, kind, device):
+    check(backend, 8193, 128, kind, torch.bfloat16, device, tau=0.1, seed=24, grad_tol_scale=2.0)

@@ -15,7 +15,7 @@ import sslops
 from sslops import matrix_guard, reference
 from sslops.ops import matrix_info as ops
 
-from .utils import DEVICE, INTERPRET, assert_close, kernel_backends, noncontiguous, randn
+from .utils import assert_close, kernel_backends, noncontiguous, randn
 
 CPU_BACKENDS = [b for b in kernel_backends("matrix_ssl", "cpu") if b == "cpu"]
 needs_cpu = pytest.mark.skipif(not CPU_BACKENDS, reason="sslops._C (the C++ CPU kernels) is not built")
@@ -374,16 +374,14 @@ def test_cpu_high_order_reaches_exact():
 
 @pytest.mark.triton
 @pytest.mark.parametrize("n,k", [(2, 1), (5, 3), (37, 17), (33, 40)])
-def test_triton_matches_reference(n, k):
-    device = "cpu" if INTERPRET else "cuda"
+def test_triton_matches_reference(n, k, device):
     for order in (1, 2, 3, 4, 5) if (n, k) == (37, 17) else (4,):
         _check("triton", n, k, order, torch.float32, device=device, seed=n + k + order)
     _check("triton", n, k, 4, torch.float64, device=device, seed=n + k)
 
 
 @pytest.mark.triton
-def test_triton_noncontiguous_halves_and_guard():
-    device = "cpu" if INTERPRET else "cuda"
+def test_triton_noncontiguous_halves_and_guard(device):
     _check("triton", 21, 9, 4, torch.float32, device=device, contiguous=False, seed=2)
     _check("triton", 21, 9, 3, torch.bfloat16, device=device, seed=3)
     p, z = randn(21, 9, device=device, seed=1), randn(21, 9, device=device, seed=2)
@@ -392,10 +390,9 @@ def test_triton_noncontiguous_halves_and_guard():
 
 
 @pytest.mark.triton
-def test_triton_primitives():
+def test_triton_primitives(device):
     from sslops.triton_kernels import matrix_info as tk
 
-    device = "cpu" if INTERPRET else "cuda"
     g = torch.Generator().manual_seed(0)
     for k in (1, 5, 33, 40):
         a = torch.randn(k, k, generator=g).to(device)
@@ -412,12 +409,12 @@ def test_triton_primitives():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_large_and_deterministic(backend):
+def test_gpu_large_and_deterministic(backend, device):
     if backend not in sslops.kernel_backends("matrix_ssl", "cuda"):
         pytest.skip(f"{backend} cannot run here")
     for n, k in [(1025, 129), (4096, 1024)]:
-        _check(backend, n, k, 4, torch.float32, device="cuda", seed=n, scale=10)
-    p, z = randn(2049, 513, device="cuda", seed=1).requires_grad_(), randn(2049, 513, device="cuda", seed=2)
+        _check(backend, n, k, 4, torch.float32, device=device, seed=n, scale=10)
+    p, z = randn(2049, 513, device=device, seed=1).requires_grad_(), randn(2049, 513, device=device, seed=2)
     first = None
     for _ in range(20):
         loss = sslops.matrix_ssl_loss(p, z, backend=backend)
@@ -429,7 +426,7 @@ def test_gpu_large_and_deterministic(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_trace_matmul():
+def test_gpu_fused_trace_matmul(device):
     if "triton" not in sslops.kernel_backends("matrix_ssl", "cuda"):
         pytest.skip("triton cannot run here")
     from sslops.triton_kernels import matrix_info as tk
@@ -437,17 +434,17 @@ def test_gpu_fused_trace_matmul():
     tk.set_gpu_mm("triton")
     try:
         for n, k in [(97, 17), (1025, 129), (2048, 1000)]:
-            _check("triton", n, k, 4, torch.float32, device="cuda", seed=n, scale=10)
-            _check("triton", n, k, 3, torch.float64, device="cuda", seed=n + 1)
+            _check("triton", n, k, 4, torch.float32, device=device, seed=n, scale=10)
+            _check("triton", n, k, 3, torch.float64, device=device, seed=n + 1)
     finally:
         tk.set_gpu_mm("cublas")
 
 
 @pytest.mark.gpu
-def test_gpu_tf32_vs_ieee():
+def test_gpu_tf32_vs_ieee(device):
     if "triton" not in sslops.kernel_backends("matrix_ssl", "cuda"):
         pytest.skip("triton cannot run here")
-    p, z = randn(2048, 512, device="cuda", seed=1), randn(2048, 512, device="cuda", seed=2)
+    p, z = randn(2048, 512, device=device, seed=1), randn(2048, 512, device=device, seed=2)
     ref = reference.matrix_ssl_loss(p.double(), z.double())
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -462,8 +459,7 @@ def test_gpu_tf32_vs_ieee():
 
 
 @pytest.mark.triton
-def test_opcheck_triton():
-    device = "cpu" if INTERPRET else "cuda"
+def test_opcheck_triton(device):
     p = randn(9, 5, device=device, seed=1).requires_grad_()
     z = randn(9, 5, device=device, seed=2).requires_grad_()
     torch.library.opcheck(ops._ssl_forward, (p, z, 0.7, 1.0, 1.3, 4, "triton"))
@@ -645,8 +641,7 @@ def test_mce_auto_picks_cpu_kernel_on_cpu():
 
 @pytest.mark.triton
 @pytest.mark.parametrize("k", [1, 3, 17, 40])
-def test_mce_triton_matches_reference(k):
-    device = "cpu" if INTERPRET else "cuda"
+def test_mce_triton_matches_reference(k, device):
     orders = range(1, 9) if k == 17 else (1, 4)
     for order in orders:
         _mce_check("triton", k, order, torch.float32, device=device, seed=k + order)
@@ -654,8 +649,7 @@ def test_mce_triton_matches_reference(k):
 
 
 @pytest.mark.triton
-def test_mce_triton_dtypes_noncontiguous_one_grad_guard():
-    device = "cpu" if INTERPRET else "cuda"
+def test_mce_triton_dtypes_noncontiguous_one_grad_guard(device):
     _mce_check("triton", 9, 4, torch.bfloat16, device=device, seed=1)
     _mce_check("triton", 9, 5, torch.float32, device=device, contiguous=False, seed=2)
     p, q = _mce_inputs(9, torch.float64, device, seed=3)
@@ -674,8 +668,7 @@ def test_mce_triton_dtypes_noncontiguous_one_grad_guard():
 
 
 @pytest.mark.triton
-def test_mce_opcheck_triton():
-    device = "cpu" if INTERPRET else "cuda"
+def test_mce_opcheck_triton(device):
     p, q = _mce_inputs(5, device=device, seed=4)
     p, q = p.requires_grad_(), q.requires_grad_()
     torch.library.opcheck(ops._mce_forward, (p, q, 4, "triton"))

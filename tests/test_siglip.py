@@ -15,7 +15,7 @@ import torch
 
 import sslops
 from sslops import reference as R
-from tests.utils import DEVICE, INTERPRET, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
+from tests.utils import INTERPRET, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
 
 BACKENDS = kernel_backends("siglip")
 HAS_CPU = sslops._extension.LOADED
@@ -24,8 +24,8 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU or INTERPRET, reason="the C++ CPU bac
 SIZES = [(n, k) for n in (1, 2, 3, 97, 1025) for k in (1, 3, 129)]
 
 
-def check(backend, n, k, dtype, *, seed=0, labels=False, normalize=True, scale=10.0, bias=-10.0, grad_tol_scale=1.0,
-          device=DEVICE, wrap=None):
+def check(backend, n, k, dtype, device, *, seed=0, labels=False, normalize=True, scale=10.0, bias=-10.0, grad_tol_scale=1.0,
+          wrap=None):
     """Loss and gradients against the reference (K = 1: see tests.utils.K1_GRAD_FLOOR)."""
     a, b = randn(n, k, dtype, device=device, seed=seed), randn(n, k, dtype, device=device, seed=seed + 1)
     if not normalize:
@@ -48,8 +48,8 @@ def check(backend, n, k, dtype, *, seed=0, labels=False, normalize=True, scale=1
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k", SIZES)
-def test_every_size_fp32(backend, n, k):
-    check(backend, n, k, torch.float32, seed=n + k)
+def test_every_size_fp32(backend, n, k, device):
+    check(backend, n, k, torch.float32, device, seed=n + k)
 
 
 @needs_kernels
@@ -57,26 +57,26 @@ def test_every_size_fp32(backend, n, k):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("labels,normalize,scale,bias", [(False, True, 10.0, -10.0), (True, True, 3.0, 0.5),
                                                          (False, False, 7.0, -2.0)])
-def test_labels_normalize_dtypes(backend, dtype, labels, normalize, scale, bias):
+def test_labels_normalize_dtypes(backend, dtype, labels, normalize, scale, bias, device):
     low = dtype in (torch.bfloat16, torch.float16)
-    check(backend, 300, 17, dtype, seed=3, labels=labels, normalize=normalize, scale=scale, bias=bias,
+    check(backend, 300, 17, dtype, device, seed=3, labels=labels, normalize=normalize, scale=scale, bias=bias,
           grad_tol_scale=2.0 if low else 1.0)
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous(backend):
-    check(backend, 65, 33, torch.float32, seed=5, labels=True, wrap=noncontiguous)
+def test_noncontiguous(backend, device):
+    check(backend, 65, 33, torch.float32, device, seed=5, labels=True, wrap=noncontiguous)
 
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (1e4, -1e4), (1e4, 1e4), (1e-3, 50.0)])
-def test_bf16_stable_for_any_logit(backend, scale, bias):
+def test_bf16_stable_for_any_logit(backend, scale, bias, device):
     """bf16 at the paper's initial scale and bias, and at logits of ±1e4: finite, and the reference's number."""
     n, k = 96, 16
-    a = randn(n, k, torch.bfloat16, seed=9, device=DEVICE)
-    b = (a.float() + 0.05 * randn(n, k, seed=10, device=DEVICE)).to(torch.bfloat16)
+    a = randn(n, k, torch.bfloat16, seed=9, device=device)
+    b = (a.float() + 0.05 * randn(n, k, seed=10, device=device)).to(torch.bfloat16)
     loss, grads = loss_and_grads(lambda x, y: sslops.siglip_loss(x, y, scale, bias, backend=backend), [a, b])
     assert torch.isfinite(loss) and all(torch.isfinite(g.float()).all() for g in grads)
     ref = R.siglip_loss(a.double().cpu(), b.double().cpu(), scale, bias)
@@ -85,9 +85,9 @@ def test_bf16_stable_for_any_logit(backend, scale, bias):
 
 @needs_kernels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reruns_bit_identical_and_nan(backend):
-    a, b = randn(300, 40, seed=4, device=DEVICE), randn(300, 40, seed=5, device=DEVICE)
-    t, c = torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)
+def test_reruns_bit_identical_and_nan(backend, device):
+    a, b = randn(300, 40, seed=4, device=device), randn(300, 40, seed=5, device=device)
+    t, c = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
 
     def fn(x, y, s, d):
         return sslops.siglip_loss(x, y, s, d, backend=backend)
@@ -97,7 +97,7 @@ def test_reruns_bit_identical_and_nan(backend):
     assert torch.equal(first[0], again[0]) and all(torch.equal(x, y) for x, y in zip(first[1], again[1]))
     a[3, 1] = float("nan")
     assert torch.isnan(fn(a, b, t, c))
-    assert torch.isnan(fn(b, b, torch.tensor(0.0, device=DEVICE), c))
+    assert torch.isnan(fn(b, b, torch.tensor(0.0, device=device), c))
 
 
 @needs_cpu
@@ -198,15 +198,15 @@ TRITON_SIZES = [(1, 3), (2, 1), (3, 5), (33, 3), (40, 37)]
 @pytest.mark.triton
 @pytest.mark.parametrize("n,k", TRITON_SIZES)
 @pytest.mark.parametrize("labels", [False, True])
-def test_triton_matches_reference(n, k, labels):
-    check("triton", n, k, torch.float32, seed=n * 3 + k, labels=labels, scale=4.0, bias=-1.0)
+def test_triton_matches_reference(n, k, labels, device):
+    check("triton", n, k, torch.float32, device, seed=n * 3 + k, labels=labels, scale=4.0, bias=-1.0)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_triton_dtypes_and_raw_inputs(dtype):
-    check("triton", 37, 19, dtype, seed=5, labels=True, grad_tol_scale=2.0)
-    check("triton", 21, 9, dtype, seed=6, normalize=False, grad_tol_scale=2.0, wrap=noncontiguous)
+def test_triton_dtypes_and_raw_inputs(dtype, device):
+    check("triton", 37, 19, dtype, device, seed=5, labels=True, grad_tol_scale=2.0)
+    check("triton", 21, 9, dtype, device, seed=6, normalize=False, grad_tol_scale=2.0, wrap=noncontiguous)
 
 
 # ----------------------------------------------------------------------------- GPU lane
@@ -215,13 +215,13 @@ def test_triton_dtypes_and_raw_inputs(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_large(backend, dtype):
-    check(backend, 8193, 128, dtype, seed=21, labels=True, grad_tol_scale=2.0, device="cuda")
+def test_gpu_large(backend, dtype, device):
+    check(backend, 8193, 128, dtype, device, seed=21, labels=True, grad_tol_scale=2.0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_target_shape_runs_in_memory(backend):
+def test_gpu_target_shape_runs_in_memory(backend, device):
     """N = 65536, K = 512, bf16 (the issue's GPU target): runs, finite, at most 1 GB above the inputs."""
     n, k = 65536, 512
     a = randn(n, k, torch.bfloat16, device="cuda", seed=23).requires_grad_()

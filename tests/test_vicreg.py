@@ -11,7 +11,7 @@ import torch
 import sslops
 from sslops import reference
 from sslops.ops import covariance as cov_ops
-from tests.utils import DEVICE, INTERPRET, TOLERANCES, noncontiguous, randn
+from tests.utils import TOLERANCES, noncontiguous, randn
 
 HAVE_CPU = sslops._extension.LOADED
 
@@ -22,10 +22,6 @@ TRITON = pytest.param("triton", marks=pytest.mark.triton)
 CPU_SHAPES = [(2, 3), (3, 1), (97, 129), (1025, 3), (97, 3), (3, 129), (1025, 129)]
 TRITON_SHAPES = [(2, 3), (3, 1), (17, 40), (40, 17), (33, 33)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-def _device(backend):
-    return "cpu" if backend == "cpu" or INTERPRET else DEVICE
 
 
 def _shapes(backend):
@@ -72,8 +68,7 @@ def _grads(fn, tensors, grad_out=1.7):
 
 @pytest.mark.parametrize("backend,n,k,dtype", _cases())
 @pytest.mark.parametrize("route", [0, 1, 2])
-def test_vicreg_matches_reference(backend, n, k, dtype, route):
-    device = _device(backend)
+def test_vicreg_matches_reference(backend, n, k, dtype, route, device):
     z_a, z_b = _two_view_inputs(n, k, dtype, device, seed=n * 31 + k)
     params = dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4)
     fn = cov_ops._vicreg(backend, route)
@@ -88,8 +83,7 @@ def test_vicreg_matches_reference(backend, n, k, dtype, route):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_public_api_noncontiguous_and_grad_out(backend):
-    device = _device(backend)
+def test_vicreg_public_api_noncontiguous_and_grad_out(backend, device):
     z_a, z_b = _two_view_inputs(19, 23, torch.float32, device, seed=5)
     nc_a, nc_b = noncontiguous(z_a), noncontiguous(z_b)
     loss, (ga, gb) = _grads(lambda a, b: sslops.vicreg_loss(a, b, sim_coeff=3.0, std_coeff=7.0, cov_coeff=2.0, backend=backend),
@@ -101,8 +95,7 @@ def test_vicreg_public_api_noncontiguous_and_grad_out(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_zero_variance_columns_and_hinge_boundary(backend):
-    device = _device(backend)
+def test_vicreg_zero_variance_columns_and_hinge_boundary(backend, device):
     z_a, z_b = _two_view_inputs(12, 9, torch.float64, device, seed=9)
     z_a[:, 2] = 3.0  # constant column: var 0, std sqrt(eps)
     z_b[:, 4] = -1.0
@@ -115,8 +108,7 @@ def test_vicreg_zero_variance_columns_and_hinge_boundary(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_nan_propagates(backend):
-    device = _device(backend)
+def test_vicreg_nan_propagates(backend, device):
     z_a, z_b = _two_view_inputs(6, 5, torch.float32, device, seed=2)
     z_a[3, 1] = float("nan")
     assert torch.isnan(sslops.vicreg_loss(z_a, z_b, backend=backend))
@@ -124,10 +116,9 @@ def test_vicreg_nan_propagates(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_fp16_large_values_do_not_overflow_products(backend):
+def test_vicreg_fp16_large_values_do_not_overflow_products(backend, device):
     """Gram entries Σ_k Â_ik Â_jk (~K·σ²/(N-1) ≈ 9e4 here) pass fp16's range (65504) although
     the inputs and the gradients (~3e4) fit."""
-    device = _device(backend)
     z_a, z_b = _two_view_inputs(8, 400, torch.float64, device, seed=21)
     z_a, z_b = (z_a * 40 / 0.7).half(), (z_b * 40 / 0.7).half()  # σ ≈ 40
     fn = cov_ops._vicreg(backend, 2)
@@ -173,9 +164,8 @@ def _mse_cases():
 
 @pytest.mark.parametrize("backend,n,k,dtype", _mse_cases())
 @pytest.mark.parametrize("coeffs", [(25.0, 0.0, 0.0), (100.0, 0.5, 0.02)], ids=["inv-only", "inv-dominant"])
-def test_vicreg_invariance_mse_fused_in_forward(backend, n, k, dtype, coeffs):
+def test_vicreg_invariance_mse_fused_in_forward(backend, n, k, dtype, coeffs, device):
     """Loss dominated by (or made only of) the invariance MSE, z_b non-contiguous, against float64."""
-    device = _device(backend)
     z_a, z_b = _two_view_inputs(n, k, dtype, device, seed=3 * n + k)
     z_b = noncontiguous((z_b.double() * 1.5 - 0.25).to(dtype))  # larger differences, shifted
     sim, std, cov = coeffs
@@ -195,8 +185,7 @@ def test_vicreg_invariance_mse_fused_in_forward(backend, n, k, dtype, coeffs):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_nan_in_second_view_only(backend):
-    device = _device(backend)
+def test_vicreg_nan_in_second_view_only(backend, device):
     z_a, z_b = _two_view_inputs(9, 7, torch.float32, device, seed=13)
     z_b[4, 6] = float("nan")
     assert torch.isnan(sslops.vicreg_loss(z_a, z_b, backend=backend))
@@ -206,8 +195,7 @@ def test_vicreg_nan_in_second_view_only(backend):
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
-def test_vicreg_fused_sum_is_deterministic(backend):
-    device = _device(backend)
+def test_vicreg_fused_sum_is_deterministic(backend, device):
     z_a, z_b = _two_view_inputs(41, 37, torch.float32, device, seed=17)
     first = _view_forward(backend, z_a, z_b)[0]
     threads = torch.get_num_threads()
@@ -233,8 +221,7 @@ def _relations(n, device, seed):
 
 @pytest.mark.parametrize("backend,n,k,dtype", _cases())
 @pytest.mark.parametrize("relation", ["labels", "pairs"])
-def test_vicreg_relation_matches_reference(backend, n, k, dtype, relation):
-    device = _device(backend)
+def test_vicreg_relation_matches_reference(backend, n, k, dtype, relation, device):
     z = randn(n, k, dtype, device, seed=n + 7 * k, scale=0.8, shift=-0.3)
     rel = {relation: _relations(n, device, seed=n)[relation]}
     params = dict(alpha=25.0, beta=1.0, gamma=25.0, eps=1e-4)
@@ -248,8 +235,7 @@ def test_vicreg_relation_matches_reference(backend, n, k, dtype, relation):
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
 @pytest.mark.parametrize("route", [1, 2])
-def test_vicreg_relation_routes_and_empty_relation(backend, route):
-    device = _device(backend)
+def test_vicreg_relation_routes_and_empty_relation(backend, route, device):
     z = randn(11, 13, torch.float64, device, seed=1)
     fn = cov_ops._vicreg_relation(backend, route)
     labels = torch.arange(11, device=device)  # every label distinct: G empty, inv = 0
@@ -477,13 +463,13 @@ def test_opcheck_vicreg_ops(requires_grad, route, save):
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
 @pytest.mark.parametrize("route", [1, 2])
-def test_backward_without_saved_product_matches(backend, route):
+def test_backward_without_saved_product_matches(backend, route, device):
     """The backward recomputes the product when the forward did not save it (save=False)."""
-    z_a, z_b = _two_view_inputs(9, 6, torch.float64, _device(backend), seed=12)
+    z_a, z_b = _two_view_inputs(9, 6, torch.float64, device, seed=12)
     outs = {}
     for save in (False, True):
         _, mean_a, m2_a, prod_a, mean_b, m2_b, prod_b = cov_ops.vicreg_fwd(z_a, z_b, 2.0, 3.0, 4.0, 1e-4, backend, route, save)
-        outs[save] = cov_ops.vicreg_bwd(torch.tensor(1.5, dtype=torch.float64, device=_device(backend)), z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b,
+        outs[save] = cov_ops.vicreg_bwd(torch.tensor(1.5, dtype=torch.float64, device=device), z_a, z_b, mean_a, m2_a, prod_a, mean_b, m2_b,
                                         prod_b, 2.0, 3.0, 4.0, 1e-4, backend, route)
     for x, y in zip(outs[False], outs[True]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
@@ -559,13 +545,13 @@ def test_dot_precision_setting(monkeypatch):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("route", [1, 2])
-def test_triton_row_chunks_match_reference(monkeypatch, dtype, route):
+def test_triton_row_chunks_match_reference(monkeypatch, dtype, route, device):
     """Column statistics (with the fused invariance sum) split over 4 row chunks (10+10+10+7):
     loss and gradients against float64, and bit-identical to a rerun."""
     from sslops.triton_kernels import covariance as tc
 
     monkeypatch.setattr(tc, "_ROW_CHUNK", 10)
-    z_a, z_b = _two_view_inputs(37, 21, dtype, "cpu", seed=77)
+    z_a, z_b = _two_view_inputs(37, 21, dtype, device, seed=77)
     params = dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4)
     fn = cov_ops._vicreg("triton", route)
     loss, (ga, gb) = _grads(lambda a, b: fn(a, b, **params), (z_a, z_b), grad_out=-0.6)
@@ -586,10 +572,10 @@ def test_triton_row_chunks_match_reference(monkeypatch, dtype, route):
 @pytest.mark.triton
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-4), ("tf32", 5e-3)])
 @pytest.mark.parametrize("n,k", [(2048, 8192), (4097, 1025), (1025, 4097)])
-def test_gpu_large_tf32_vs_ieee_and_determinism(precision, tol, n, k):
+def test_gpu_large_tf32_vs_ieee_and_determinism(precision, tol, n, k, device):
     cov_ops.set_dot_precision(precision)
     try:
-        z_a, z_b = _two_view_inputs(n, k, torch.float32, "cuda", seed=n + k)
+        z_a, z_b = _two_view_inputs(n, k, torch.float32, device, seed=n + k)
         loss, (ga, gb) = _grads(lambda a, b: sslops.vicreg_loss(a, b, backend="triton"), (z_a, z_b))
         ref, (ra, rb) = _grads(lambda a, b: reference.vicreg_loss(a, b), (z_a.double(), z_b.double()))
         assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
@@ -722,14 +708,14 @@ def _check_relation_against_float64(n, k, chunk, device):
 
 
 @pytest.mark.triton
-def test_triton_relation_against_chunked_float64():
+def test_triton_relation_against_chunked_float64(device):
     """The GPU lane's big-shape check at an interpreter size (the comparison itself is exercised)."""
-    _check_relation_against_float64(203, 19, 64, _device("triton"))
+    _check_relation_against_float64(203, 19, 64, device)
 
 
 @pytest.mark.gpu
 @pytest.mark.triton
-def test_gpu_int32_overflow_shape():
+def test_gpu_int32_overflow_shape(device):
     """The relation form at N·K > 2³¹: N = 2²¹ + 3, K = 1025 (rows from 2095105 on sit past 2³¹
     elements), against float64 computed 65536 rows at a time. Memory: z and its gradient
     8.6 GB each; the pairs' gradient goes through two N×K fp32 index_put buffers while the
@@ -737,7 +723,7 @@ def test_gpu_int32_overflow_shape():
     version made several fp32 copies, ~50 GB, and only checked that the loss was finite)."""
     n, k = 2 ** 21 + 3, 1025
     assert n * k > 2 ** 31
-    peak = _check_relation_against_float64(n, k, 65536, "cuda")
+    peak = _check_relation_against_float64(n, k, 65536, device)
     assert peak < 30e9, f"peak {peak / 1e9:.1f} GB"
 
 

@@ -9,6 +9,15 @@ import sslops
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+def device_for(backend=None):
+    """The device a kernel test runs ``backend`` on (what the ``device`` fixture of conftest.py
+    gives): CPU for the C++ ``cpu`` backend and under TRITON_INTERPRET=1 (the interpreter runs
+    CPU tensors), otherwise CUDA when a device is present, else CPU."""
+    if backend == "cpu" or INTERPRET or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
 # (atol, rtol) of a kernel's loss or gradient against the float64 reference, per input dtype.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
@@ -49,6 +58,74 @@ def kernel_backends(loss, device=DEVICE):
 def assert_close(actual, expected, dtype, what="value", scale=1.0):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * scale, rtol=rtol * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- the 2× rule (flash-attention's)
+
+# The floor of the rule in units in the last place of the kernel's output dtype, relative to
+# the exact result's largest entry. For fp64 the naive computation is the exact one (error
+# 0), so the floor is the whole bound: ≈1.2e-10 relative, TOLERANCES' fp64 rtol.
+RULE_ULPS = {torch.float64: 2 ** 19, torch.float32: 4, torch.bfloat16: 4, torch.float16: 4}
+
+
+def max_abs_error(value, exact):
+    """max |value - exact| over all entries, in float64 (inf when value has a NaN/Inf that exact has not)."""
+    v, e = value.detach().double().cpu(), exact.detach().double().cpu()
+    diff = (v - e).abs()
+    diff = torch.where(torch.isnan(diff), torch.tensor(float("inf"), dtype=torch.float64), diff)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_error_within(kernel, naive, exact, *, factor=2.0, ulps=None, scale=None, what="value"):
+    """The flash-attention rule: the kernel's error against the exact result is at most
+    ``factor`` × naive PyTorch's error in the same dtype, plus a floor of ``ulps`` units in the
+    last place of the kernel's dtype times ``scale`` (default: the largest |exact| entry), so a
+    case where naive happens to be exact cannot make the test flaky.
+
+    ``kernel``: the kernel's result; ``naive``: the same math in plain PyTorch in the inputs'
+    dtype (``sslops.reference`` on the same tensors); ``exact``: float64 of the same rounded
+    inputs. Errors are max-abs over all entries. A naive result that overflowed (inf error)
+    leaves only the requirement that the kernel's error is finite.
+    Returns ``(kernel_error, naive_error, bound)`` for reports.
+    """
+    assert kernel.shape == exact.shape == naive.shape, f"{what}: shapes {kernel.shape}, {naive.shape}, {exact.shape}"
+    if ulps is None:
+        ulps = RULE_ULPS[kernel.dtype]
+    if scale is None:
+        scale = exact.detach().double().abs().max().item() if exact.numel() else 0.0
+    err_kernel = max_abs_error(kernel, exact)
+    err_naive = max_abs_error(naive, exact)
+    floor = ulps * torch.finfo(kernel.dtype).eps * scale
+    bound = factor * err_naive + floor
+    assert err_kernel <= bound and err_kernel != float("inf"), (
+        f"{what}: kernel error {err_kernel:.3e} > {factor:g} × naive error {err_naive:.3e} + floor {floor:.3e} "
+        f"({ulps} ulp of {kernel.dtype} × {scale:.3e})")
+    return err_kernel, err_naive, bound
+
+
+def loss_and_grads(fn, tensors, grad_out=1.0):
+    """``fn(*tensors)`` and the gradients of ``grad_out × loss`` with respect to every tensor."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    loss.backward(torch.full_like(loss, grad_out))
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def assert_kernel_within_rule(kernel_fn, naive_fn, tensors, *, grad_out=1.0, factor=2.0, what=""):
+    """The 2× rule for a loss and its gradients: ``kernel_fn`` on ``tensors`` against
+    ``naive_fn`` (the pure-PyTorch reference) on the same tensors and on their float64 copies.
+    Returns the worst (kernel_error / bound) ratio over the loss and the gradients."""
+    loss, grads = loss_and_grads(kernel_fn, tensors, grad_out)
+    naive, naive_grads = loss_and_grads(naive_fn, tensors, grad_out)
+    exact, exact_grads = loss_and_grads(naive_fn, [t.double() for t in tensors], grad_out)
+    for t, g in zip(tensors, grads):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{what}: gradient {g.dtype} {tuple(g.shape)} for {t.dtype} {tuple(t.shape)}"
+    worst = 0.0
+    for name, k, n, e in [("loss", loss, naive, exact)] + [(f"grad {i}", g, ng, eg) for i, (g, ng, eg) in
+                                                            enumerate(zip(grads, naive_grads, exact_grads))]:
+        err, _, bound = assert_error_within(k, n, e, factor=factor, what=f"{what} {name}")
+        worst = max(worst, err / bound if bound > 0 else 0.0)
+    return worst
 
 
 # With K = 1 a normalised row is ±1 and the exact gradient of the rows is 0: what a kernel (or

@@ -50,7 +50,16 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -59,6 +68,7 @@
 #include <limits>
 #include <vector>
 
+#include "../no_autocast.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -716,6 +726,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
     const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y, const c10::optional<at::Tensor>& crow,
     const c10::optional<at::Tensor>& col, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys,
     int64_t ye, int64_t flags, double sigma) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
   const auto opts = p.ch.options();
   const int64_t by = p.bidir ? ye - ys : 0;
@@ -769,6 +780,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
     const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, const at::Tensor& diff_x,
     const at::Tensor& diff_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
     int64_t flags, double sigma, bool need_x, bool need_y, bool need_neg) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
   const auto opts = p.ch.options();
   const int64_t k = p.k, nb = p.square ? p.nx : p.ny;

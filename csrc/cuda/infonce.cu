@@ -23,13 +23,21 @@
 // negatives. FLOPs: forward 2·B·C·K, backward 4·rows·columns·K per pass, plus 1 (forward) and
 // 2 (backward) exp per pair. All row offsets are int64 (N·K and N·N may pass 2³¹). The
 // products are FP32 (FP64) FMAs, not tensor cores: the Triton kernels are the fast GPU path.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <limits>
 
+#include "../no_autocast.h"
 #include "stream.h"
 
 namespace sslops {
@@ -525,6 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
     const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y, const c10::optional<at::Tensor>& crow,
     const c10::optional<at::Tensor>& col, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys,
     int64_t ye, int64_t flags, double sigma) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(x.device());
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, scale, bias, xs, xe, ys, ye, flags);
   const int64_t nb = p.square ? p.nx : p.ny;
@@ -593,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
     const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, const at::Tensor& diff_x,
     const at::Tensor& diff_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
     int64_t flags, double sigma, bool need_x, bool need_y, bool need_neg) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(x.device());
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, scale, bias, xs, xe, ys, ye, flags);
   const auto opts = p.norm_x.options();

@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend, _extension, reference
+from .. import _autocast, _backend, _extension, reference
 
 __all__ = ["info_nce_rows", "pairs_to_csr", "contrastive_fwd", "contrastive_bwd"]
 
@@ -69,6 +69,7 @@ def pairs_to_csr(pairs, m: int) -> Tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("sslops::contrastive_fwd", mutates_args=())
+@_autocast.disabled
 def contrastive_fwd(x: Tensor, y: Optional[Tensor], negatives: Optional[Tensor], labels_x: Optional[Tensor],
                     labels_y: Optional[Tensor], crow: Optional[Tensor], col: Optional[Tensor], scale: Tensor, bias: Tensor,
                     x_start: int, x_end: int, y_start: int, y_end: int, flags: int, sigma: float,
@@ -94,6 +95,7 @@ def _(x, y, negatives, labels_x, labels_y, crow, col, scale, bias, x_start, x_en
 
 
 @torch.library.custom_op("sslops::contrastive_bwd", mutates_args=())
+@_autocast.disabled
 def contrastive_bwd(grad_x: Tensor, grad_y: Tensor, x: Tensor, y: Optional[Tensor], negatives: Optional[Tensor],
                     labels_x: Optional[Tensor], labels_y: Optional[Tensor], crow: Optional[Tensor], col: Optional[Tensor],
                     diff_x: Tensor, diff_y: Tensor, scale: Tensor, bias: Tensor, x_start: int, x_end: int, y_start: int,
