@@ -621,7 +621,7 @@ def contrastive_forward(x, y, negatives, labels_x, labels_y, crow, col, scale, b
 def _coefficients(grad, diff, n, w0, w1, sigmoid, acc, device):
     """(4, n): a, lse (+inf where a = 0), gp, gq per row, zero outside the window [w0, w1)."""
     c = torch.zeros((4, n), dtype=acc, device=device)
-    c[1] = float("inf")
+    c[1].fill_(float("inf"))  # fill_, not a setitem of a Python number (a lift_fresh: a host tensor)
     if w1 > w0:
         g = grad.to(acc)
         a = g[:, 0]
