@@ -257,11 +257,25 @@ def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_
     logits = zn[row_start:row_end] @ zn.T / temperature           # (rows, N)
     anchor = torch.arange(row_start, row_end, device=z.device)
     is_self = anchor[:, None] == torch.arange(n, device=z.device)[None, :]
-    lse = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1)
+    logits = logits.masked_fill(is_self, float("-inf"))
     count = g.sum(dim=1)
-    positive_sum = torch.where(g, logits, 0.0).sum(dim=1)
+    # The logits are taken relative to their row's largest x_im, and Σ_a exp(x_ia - x_im) is
+    # summed over the other candidates first, with the maximum's own term (exactly 1) added
+    # last: one rounding near 1 instead of one per candidate. The weight of the dominant logit
+    # and its gradient p - 1 then keep an error of a few ulp of 1 (pytorch-metric-learning's
+    # order). Through logsumexp, p = exp(x - lse) with lse rounded to the ulp of |s/τ| (14 at
+    # τ = 0.07): NT-Xent gradients 3× (lightly's log_softmax order: 2.5×) farther from float64
+    # for close positives. The shift carries no gradient (ℓ does not depend on it).
+    top = logits.detach().argmax(dim=1, keepdim=True)
+    row_max = logits.detach().gather(1, top)
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # a row without candidates (N = 1)
+    shifted = logits - row_max                                    # 0 at the maximum
+    others = torch.exp(shifted.scatter(1, top, float("-inf"))).sum(dim=1)
+    total = torch.exp(shifted.gather(1, top).squeeze(1)) + others  # Σ_{a≠i} exp(x_ia - x_im)
+    log_sum = torch.log(torch.where(count > 0, total, 1.0))      # (rows without positives add 0)
+    positive_sum = torch.where(g, shifted, 0.0).sum(dim=1)
     positive_mean = positive_sum / count.to(z.dtype).clamp(min=1)
-    loss = torch.where(count > 0, lse - positive_mean, 0.0)
+    loss = torch.where(count > 0, log_sum - positive_mean, 0.0)
     return loss, count.to(torch.promote_types(z.dtype, torch.float32))
 
 

@@ -7,6 +7,12 @@ and x_ij = s_ij / τ::
     LSE_i = log Σ_{j≠i} exp(x_ij)                       online: running max and sum
     ℓ_i   = LSE_i − (1/|P(i)|) Σ_{j∈P(i)} x_ij          0 when P(i) = ∅
 
+LSE is kept split, m_i + l_i (m_i the row maximum, l_i = log Σ exp(x_ij − m_i)), and the
+candidates equal to the running maximum (terms exactly 1) are counted apart from the sum of
+the others, added once at the end: a single fp32 LSE is rounded to the ulp of |x| (1e-6 at
+τ = 0.07), and exp(x − LSE) put that error into the weight of a dominant positive, whose
+gradient p − 1 then lost up to 4× against lightly's and pytorch-metric-learning's forms.
+
 The similarity tile is one tensor-core product of the raw rows, scaled afterwards by the
 two inverse norms (the normalisation is fused: no normalised copy of z exists). G is
 ``labels`` (label tiles compared inside the tile loop) or a symmetric CSR (crow, col with
@@ -14,7 +20,7 @@ col = −1 for skipped duplicates and self-pairs) whose positive logits a sparse
 in O(nnz·K).
 
 Gradient. With g_i the gradient of ℓ_i, a_i = g_i·[|P(i)| > 0] (0 outside the window),
-p_ij = exp(x_ij − LSE_i) and C_ij = a_i (p_ij − G_ij/|P(i)|)/τ (j ≠ i), the symmetry of s
+p_ij = exp((x_ij − m_i) − l_i) and C_ij = a_i (p_ij − G_ij/|P(i)|)/τ (j ≠ i), the symmetry of s
 gives every row its anchor and candidate terms in one sum::
 
     dẑ_k = Σ_j (C_kj + C_jk) ẑ_j          dz_k = (dẑ_k − ẑ_k⟨ẑ_k, dẑ_k⟩) / max(‖z_k‖, 1e-12)
@@ -31,7 +37,7 @@ the tensor cores, IEEE fp32 for fp32, fp64) and accumulate in fp32 (fp64). The b
 product feeds D in the input dtype, except for fp16, whose D entries (≈ 1/N² at batch size N)
 would flush to zero: it multiplies in fp32 storage with TF32 inputs (fp16's 10-bit mantissa).
 
-Saved by the forward: LSE (B,) and |P(i)| (B,) in fp32 (fp64 for fp64); row norms are
+Saved by the forward: the split LSE (2, B) and |P(i)| (B,) in fp32 (fp64 for fp64); row norms are
 recomputed (one read of z). Extra memory: norms (M,), the (M, K) fp32 dẑ buffer of the
 backward, nothing quadratic.
 
@@ -200,8 +206,11 @@ def _forward_kernel(z_ptr, norm_ptr, labels_ptr, pos_ptr, cnt_ptr, loss_ptr, cou
     rows = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     inv_r = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rmask, other=1.0), EPS)
+    # The candidates equal to the running max (terms exactly 1) are counted in run_top, apart
+    # from run_sum: one rounding near 1 at the end instead of one per tile (module docstring).
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     run_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+    run_top = tl.zeros((BLOCK_M,), dtype=ACC)
     pos = tl.zeros((BLOCK_M,), dtype=ACC)
     cnt = tl.zeros((BLOCK_M,), dtype=ACC)
     if HAS_LABELS:
@@ -216,7 +225,12 @@ def _forward_kernel(z_ptr, norm_ptr, labels_ptr, pos_ptr, cnt_ptr, loss_ptr, cou
         xm = tl.where(valid, x, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(xm, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(xm - safe[:, None]), axis=1)
+        grown = new_max > run_max  # the old maximum's terms join the others, rescaled
+        run_sum = tl.where(grown, (run_sum + run_top) * tl.exp(run_max - safe), run_sum)
+        run_top = tl.where(grown, 0.0, run_top)
+        at_max = valid & (xm == new_max[:, None])
+        run_sum += tl.sum(tl.where(at_max, 0.0, tl.exp(xm - safe[:, None])), axis=1)
+        run_top += tl.sum(tl.where(at_max, 1.0, 0.0), axis=1)
         run_max = new_max
         if HAS_LABELS:
             lab_c = tl.load(labels_ptr + cols, mask=cmask, other=0)
@@ -226,16 +240,17 @@ def _forward_kernel(z_ptr, norm_ptr, labels_ptr, pos_ptr, cnt_ptr, loss_ptr, cou
     if not HAS_LABELS:
         pos = tl.load(pos_ptr + rows - row_start, mask=rmask, other=0.0)
         cnt = tl.load(cnt_ptr + rows - row_start, mask=rmask, other=0.0)
-    lse = run_max + tl.log(run_sum)
-    loss = tl.where(cnt > 0, lse - pos / tl.maximum(cnt, 1.0), 0.0)
+    log_sum = tl.log(run_top + run_sum)  # LSE − max
+    loss = tl.where(cnt > 0, (run_max - pos / tl.maximum(cnt, 1.0)) + log_sum, 0.0)
     out = rows - row_start
     tl.store(loss_ptr + out, loss, mask=rmask)
     tl.store(count_ptr + out, cnt, mask=rmask)
-    tl.store(lse_ptr + out, lse, mask=rmask)
+    tl.store(lse_ptr + out, run_max, mask=rmask)  # lse is (2, B): max, then log Σ exp(x − max)
+    tl.store(lse_ptr + (row_end - row_start) + out, log_sum, mask=rmask)
 
 
 @triton.jit
-def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr, dzh_ptr,
+def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, max_ptr, log_ptr, invc_ptr, dzh_ptr,
                            M, K, row_start, row_end, stride_m, stride_k, inv_tau_ptr,
                            HAS_LABELS: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_KO: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
@@ -248,7 +263,8 @@ def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr
     rmask = rows < M
     inv_r = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rmask, other=1.0), EPS)
     w_r = tl.load(w_ptr + rows, mask=rmask, other=0.0)
-    lse_r = tl.load(lse_ptr + rows, mask=rmask, other=float("inf"))
+    max_r = tl.load(max_ptr + rows, mask=rmask, other=float("inf"))
+    log_r = tl.load(log_ptr + rows, mask=rmask, other=0.0)
     invc_r = tl.load(invc_ptr + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
         lab_r = tl.load(labels_ptr + rows, mask=rmask, other=0)
@@ -265,15 +281,19 @@ def _backward_tiles_kernel(z_ptr, norm_ptr, labels_ptr, w_ptr, lse_ptr, invc_ptr
         cmask = cols < c_end
         inv_c = 1.0 / tl.maximum(tl.load(norm_ptr + cols, mask=cmask, other=1.0), EPS)
         w_c = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-        lse_c = tl.load(lse_ptr + cols, mask=cmask, other=float("inf"))
+        max_c = tl.load(max_ptr + cols, mask=cmask, other=float("inf"))
+        log_c = tl.load(log_ptr + cols, mask=cmask, other=0.0)
         s = _sim_tile(z_ptr, rows, rmask, cols, cmask, K, stride_m, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
         x = s * inv_r[:, None] * inv_c[None, :] * inv_tau
-        d = w_r[:, None] * tl.exp(x - lse_r[:, None]) + w_c[None, :] * tl.exp(x - lse_c[None, :])
-        if HAS_LABELS:
+        p_r = tl.exp((x - max_r[:, None]) - log_r[:, None])  # p_rc, from the split LSE
+        p_c = tl.exp((x - max_c[None, :]) - log_c[None, :])  # p_cr
+        if HAS_LABELS:  # p − G/|P| formed before scaling: exact for a dominant positive
             lab_c = tl.load(labels_ptr + cols, mask=cmask, other=0)
             invc_c = tl.load(invc_ptr + cols, mask=cmask, other=0.0)
             same = lab_r[:, None] == lab_c[None, :]
-            d -= tl.where(same, w_r[:, None] * invc_r[:, None] + w_c[None, :] * invc_c[None, :], 0.0)
+            p_r -= tl.where(same, invc_r[:, None], 0.0)
+            p_c -= tl.where(same, invc_c[None, :], 0.0)
+        d = w_r[:, None] * p_r + w_c[None, :] * p_c
         valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
         # fold 1/τ and the candidates' inverse norms into D, then D·z_C (raw rows)
         d = tl.where(valid, d * inv_tau * inv_c[None, :], 0.0)
@@ -365,7 +385,7 @@ def info_nce_forward(z, labels, crow, col, temperature, row_start, row_end):
     acc = _acc_dtype(z.dtype)
     loss = torch.empty(b, dtype=acc, device=z.device)
     count = torch.empty(b, dtype=acc, device=z.device)
-    lse = torch.empty(b, dtype=acc, device=z.device)
+    lse = torch.empty((2, b), dtype=acc, device=z.device)  # row max, log Σ exp(x − max)
     if b == 0:
         return loss, count, lse
     norm = _row_norms(z, acc)
@@ -397,15 +417,17 @@ def info_nce_backward(grad_rows, z, labels, crow, col, pos_count, lse, temperatu
     if m == 0:
         return dz
     norm = _row_norms(z, acc)
-    # Per-row (M,) weights: a_k = g_k·[|P(k)| > 0] in the window, else 0; LSE (+inf where a_k
-    # is 0, so that exp(x − LSE) vanishes); 1/|P(k)|.
+    # Per-row (M,) weights: a_k = g_k·[|P(k)| > 0] in the window, else 0; the split LSE (max
+    # +inf and log 0 where a_k is 0, so that exp vanishes); 1/|P(k)|.
     has = pos_count > 0
     g = grad_rows.to(acc)
     w = torch.zeros(m, dtype=acc, device=z.device)
-    lse_w = torch.full((m,), float("inf"), dtype=acc, device=z.device)
+    max_w = torch.full((m,), float("inf"), dtype=acc, device=z.device)
+    log_w = torch.zeros(m, dtype=acc, device=z.device)
     invc = torch.zeros(m, dtype=acc, device=z.device)
     w[row_start:row_end] = torch.where(has, g, torch.zeros_like(g))
-    lse_w[row_start:row_end] = torch.where(has, lse.to(acc), torch.full_like(g, float("inf")))
+    max_w[row_start:row_end] = torch.where(has, lse[0].to(acc), torch.full_like(g, float("inf")))
+    log_w[row_start:row_end] = torch.where(has, lse[1].to(acc), torch.zeros_like(g))
     invc[row_start:row_end] = torch.where(has, 1.0 / pos_count.to(acc).clamp(min=1), torch.zeros_like(g))
     inv_tau = torch.full((1,), 1.0 / temperature, dtype=acc, device=z.device)
     # dẑ slice per program: (BLOCK_M × BLOCK_KO) accumulators; wider K takes more programs
@@ -416,7 +438,7 @@ def info_nce_backward(grad_rows, z, labels, crow, col, pos_count, lse, temperatu
     dzh = torch.empty((m, k), dtype=acc, device=z.device)
     lab = labels if labels is not None else norm
     _backward_tiles_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bko))](
-        z, norm, lab, w, lse_w, invc, dzh, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
+        z, norm, lab, w, max_w, log_w, invc, dzh, m, k, row_start, row_end, z.stride(0), z.stride(1), inv_tau,
         HAS_LABELS=labels is not None, EPS=_NORM_EPS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KO=bko,
         ACC=_tl_dtype(acc), DOT=dot, PREC=prec, DOT_D=dot_d, PREC_D=prec_d, num_warps=warps, num_stages=stages)
     pairs = labels is None

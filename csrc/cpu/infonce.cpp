@@ -6,12 +6,18 @@
 //   LSE_i = log Σ_{j≠i} exp(x_ij)                       (online: running max and sum)
 //   ℓ_i   = LSE_i − (1/|P(i)|) Σ_{j∈P(i)} x_ij          (0 when P(i) = ∅)
 //
+// LSE is kept split, m_i + l_i with m_i = max_j x_ij and l_i = log Σ exp(x_ij − m_i), and
+// the terms equal to m_i (exactly 1) are added to the others' sum last. A single fp32 LSE
+// is rounded to the ulp of |x| (1e-6 at τ = 0.07), and exp(x − LSE) carried that error into
+// the weight of a dominant positive, whose gradient p − 1 then lost up to 4× against
+// lightly's and pytorch-metric-learning's formulations (close views at small τ).
+//
 // G is either `labels` (G_ij = [lab_i = lab_j], i ≠ j; compared tile by tile) or a CSR
 // (crow (M+1), col) built once per call by sslops/ops/infonce.py, symmetric, with entries
 // that must be skipped (duplicates, self-pairs) marked by col = −1.
 //
 // Gradient. With g_i the incoming gradient of ℓ_i, a_i = g_i·[|P(i)| > 0] (0 outside the
-// window), p_ij = exp(x_ij − LSE_i) and C_ij = a_i (p_ij − G_ij/|P(i)|)/τ for j ≠ i, the
+// window), p_ij = exp((x_ij − m_i) − l_i) and C_ij = a_i (p_ij − G_ij/|P(i)|)/τ for j ≠ i, the
 // similarity is symmetric, so every row k collects its anchor term and its candidate term
 // in one sum:
 //
@@ -24,7 +30,7 @@
 // and for any thread count, without atomics. Rows outside the window only need the
 // columns inside it.
 //
-// Saved between forward and backward: LSE (B,) and |P(i)| (B,); the row norms are
+// Saved between forward and backward: the split LSE (2, B) and |P(i)| (B,); the row norms are
 // recomputed (one light pass). Memory: Ẑ in the accumulation type (M·K) plus one
 // (64 × 256) tile and a (64 × K) gradient block per thread.
 // FLOPs: forward 2·B·M·K (+ B·M exp), backward 2·(2·B·M − B²)·K·2 (+ 2 exp per pair);
@@ -44,6 +50,7 @@
 #include <limits>
 #include <vector>
 
+#include "blocked_sum.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -94,12 +101,11 @@ void normalise_rows(const scalar_t* z, int64_t m, int64_t k, acc* zh, acc* norm)
   parallel_for(m, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* row = z + r * k;
-      acc ss = 0;
-      for (int64_t c = 0; c < k; ++c) {
+      const double ss = blocked_sum<acc>(k, [row](int64_t c) {
         const acc v = static_cast<acc>(row[c]);
-        ss += v * v;
-      }
-      const acc nrm = std::sqrt(ss);
+        return v * v;
+      });
+      const acc nrm = static_cast<acc>(std::sqrt(ss));
       norm[r] = nrm;
       const acc inv = acc(1) / std::max(nrm, static_cast<acc>(kNormEps));
       acc* out = zh + r * k;
@@ -139,9 +145,7 @@ inline double exp_ps(double x) { return std::exp(x); }
 
 template <typename acc>
 acc dot(const acc* a, const acc* b, int64_t k) {
-  acc s = 0;
-  for (int64_t c = 0; c < k; ++c) s += a[c] * b[c];
-  return s;
+  return static_cast<acc>(blocked_sum<acc>(k, [a, b](int64_t c) { return a[c] * b[c]; }));
 }
 
 // The per-row loops over one similarity tile, kept out of line so that they are compiled
@@ -156,42 +160,62 @@ __attribute__((noinline)) acc span_max(const acc* s, int64_t j0, int64_t j1) {
   return t;
 }
 
-// Σ exp(x_j − mx) over [j0, j1); with labels also Σ x_j and the count over lab_j == li.
+// Over [j0, j1): Σ exp(x_j − mx) for the x_j below mx, and the number of x_j equal to mx
+// (their terms are exactly 1, counted apart: see forward_kernel); with labels also Σ x_j and
+// the count over lab_j == li.
 template <typename acc>
 __attribute__((noinline)) void span_sums(const acc* s, const int32_t* lab, int32_t li, acc inv_tau, acc mx, int64_t j0,
-                                         int64_t j1, acc& sum_out, acc& pos_out, acc& cnt_out) {
-  acc sum = 0, p = 0, n = 0;
+                                         int64_t j1, acc& sum_out, acc& top_out, acc& pos_out, acc& cnt_out) {
+  acc sum = 0, top = 0, p = 0, n = 0;
   if (lab) {
-#pragma omp simd reduction(+ : sum, p, n)
+#pragma omp simd reduction(+ : sum, top, p, n)
     for (int64_t j = j0; j < j1; ++j) {
       const acc x = s[j] * inv_tau;
-      sum += exp_ps(x - mx);
+      const bool at_max = x == mx;
+      sum += at_max ? acc(0) : exp_ps(x - mx);
+      top += at_max ? acc(1) : acc(0);
       const bool eq = lab[j] == li;
       p += eq ? x : acc(0);
       n += eq ? acc(1) : acc(0);
     }
   } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = j0; j < j1; ++j) sum += exp_ps(s[j] * inv_tau - mx);
+#pragma omp simd reduction(+ : sum, top)
+    for (int64_t j = j0; j < j1; ++j) {
+      const acc x = s[j] * inv_tau;
+      const bool at_max = x == mx;
+      sum += at_max ? acc(0) : exp_ps(x - mx);
+      top += at_max ? acc(1) : acc(0);
+    }
   }
   sum_out += sum;
+  top_out += top;
   pos_out += p;
   cnt_out += n;
 }
 
 // s_j <- D_ij = (a_i (p_ij − G_ij/|P(i)|) + a_j (p_ji − G_ij/|P(j)|)) / τ, in place (the
-// diagonal is cleared by the caller).
+// diagonal is cleared by the caller), with p_ij = exp((x_ij − m_i) − l_i): m the row maximum,
+// l = log Σ exp(x − m) (the forward's split LSE). Each p − G/|P| is formed before it is
+// scaled: for a dominant positive both are near 1 and their difference is exact.
 template <typename acc>
-__attribute__((noinline)) void coef_row(acc* s, const int32_t* lab, int32_t li, acc inv_tau, acc ai, acc lse_i, acc own,
-                                        const acc* w, const acc* lse, const acc* inv_cnt, int64_t bc) {
+__attribute__((noinline)) void coef_row(acc* s, const int32_t* lab, int32_t li, acc inv_tau, acc ai, acc max_i, acc log_i,
+                                        acc ci, const acc* w, const acc* mx, const acc* lg, const acc* inv_cnt, int64_t bc) {
+  if (lab) {
 #pragma omp simd
-  for (int64_t j = 0; j < bc; ++j) {
-    const acc x = s[j] * inv_tau;
-    s[j] = (ai * exp_ps(x - lse_i) + w[j] * exp_ps(x - lse[j])) * inv_tau;
+    for (int64_t j = 0; j < bc; ++j) {
+      const acc x = s[j] * inv_tau;
+      const bool eq = lab[j] == li;
+      const acc pij = exp_ps((x - max_i) - log_i) - (eq ? ci : acc(0));
+      const acc pji = exp_ps((x - mx[j]) - lg[j]) - (eq ? inv_cnt[j] : acc(0));
+      s[j] = (ai * pij + w[j] * pji) * inv_tau;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < bc; ++j) {
+      const acc x = s[j] * inv_tau;
+      s[j] = (ai * exp_ps((x - max_i) - log_i) + w[j] * exp_ps((x - mx[j]) - lg[j])) * inv_tau;
+    }
   }
-  if (lab)
-    for (int64_t j = 0; j < bc; ++j)
-      if (lab[j] == li) s[j] -= (own + w[j] * inv_cnt[j]) * inv_tau;
 }
 
 // Run f(b, b + 1) for every block b < n, handing blocks to threads one at a time
@@ -215,7 +239,7 @@ void parallel_blocks(int64_t n, const F& f) {
 
 template <typename acc>
 void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, int64_t rs, int64_t re, acc* loss,
-                    acc* count, acc* lse_out) {
+                    acc* count, acc* max_out, acc* log_out) {
   const int64_t m = zh_t.size(0), k = zh_t.size(1);
   const acc* zh = zh_t.data_ptr<acc>();
   const int64_t rows = re - rs;
@@ -223,11 +247,17 @@ void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, in
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({kRowBlock, kColBlock}, zh_t.options());
-    std::vector<acc> run_max(kRowBlock), run_sum(kRowBlock), pos(kRowBlock), cnt(kRowBlock);
+    // Per row: the running max m, the number of candidates equal to it (each contributes
+    // exp(0) = 1) and the sum of exp(x − m) over the others. Keeping the maximum's own terms
+    // out of the running sum leaves one rounding near 1 (when they are added at the end)
+    // instead of one per candidate: the weight of a dominant positive, and p − 1 in the
+    // backward, keep a few ulp of 1 (pytorch-metric-learning's order of summation).
+    std::vector<acc> run_max(kRowBlock), run_sum(kRowBlock), run_top(kRowBlock), pos(kRowBlock), cnt(kRowBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = rs + b * kRowBlock, r1 = std::min(re, r0 + kRowBlock), br = r1 - r0;
       std::fill(run_max.begin(), run_max.end(), neg_inf);
       std::fill(run_sum.begin(), run_sum.end(), acc(0));
+      std::fill(run_top.begin(), run_top.end(), acc(0));
       std::fill(pos.begin(), pos.end(), acc(0));
       std::fill(cnt.begin(), cnt.end(), acc(0));
       const at::Tensor anchors = zh_t.narrow(0, r0, br);
@@ -247,14 +277,15 @@ void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, in
           for (const auto& sp2 : span) tmax = std::max(tmax, span_max(srow, sp2[0], sp2[1]) * inv_tau);
           // A NaN similarity must not vanish in the max: the sum below carries it.
           if (tmax > run_max[i]) {
-            run_sum[i] *= exp_ps(run_max[i] - tmax);
+            run_sum[i] = (run_sum[i] + run_top[i]) * exp_ps(run_max[i] - tmax);  // all below the new max
+            run_top[i] = 0;
             run_max[i] = tmax;
           }
           const acc mx = run_max[i];
           if (mx == neg_inf) continue;  // only the diagonal so far
           const int32_t li = rel.labels ? rel.labels[gi] : 0;
           const int32_t* lj = rel.labels ? rel.labels + c0 : nullptr;
-          for (const auto& sp2 : span) span_sums(srow, lj, li, inv_tau, mx, sp2[0], sp2[1], run_sum[i], pos[i], cnt[i]);
+          for (const auto& sp2 : span) span_sums(srow, lj, li, inv_tau, mx, sp2[0], sp2[1], run_sum[i], run_top[i], pos[i], cnt[i]);
         }
       }
       for (int64_t i = 0; i < br; ++i) {
@@ -270,11 +301,12 @@ void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, in
           pos[i] = p * inv_tau;
           cnt[i] = n;
         }
-        const acc l = run_max[i] + std::log(run_sum[i]);
+        const acc l = std::log(run_top[i] + run_sum[i]);  // LSE_i − m_i
         const int64_t o = gi - rs;
-        lse_out[o] = l;
+        max_out[o] = run_max[i];
+        log_out[o] = l;
         count[o] = cnt[i];
-        loss[o] = cnt[i] > 0 ? l - pos[i] / cnt[i] : acc(0);
+        loss[o] = cnt[i] > 0 ? (run_max[i] - pos[i] / cnt[i]) + l : acc(0);
       }
     }
   });
@@ -284,8 +316,9 @@ void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, in
 
 template <typename scalar_t, typename acc>
 void backward_kernel(const at::Tensor& zh_t, const acc* norm, const Relation& rel, acc inv_tau, int64_t rs, int64_t re,
-                     const acc* weight, const acc* lse_w, const acc* inv_cnt, scalar_t* dz) {
-  // weight/lse_w/inv_cnt are (M,): a_k, LSE_k and 1/|P(k)| (a_k = 0 outside the window).
+                     const acc* weight, const acc* max_w, const acc* log_w, const acc* inv_cnt, scalar_t* dz) {
+  // weight/max_w/log_w/inv_cnt are (M,): a_k, the split LSE_k = max_k + log_k and 1/|P(k)|
+  // (a_k = 0 and max_k = +inf outside the window).
   const int64_t m = zh_t.size(0), k = zh_t.size(1);
   const acc* zh = zh_t.data_ptr<acc>();
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
@@ -308,12 +341,8 @@ void backward_kernel(const at::Tensor& zh_t, const acc* norm, const Relation& re
         for (int64_t i = 0; i < br; ++i) {
           acc* srow = sp + i * kColBlock;
           const int64_t gi = r0 + i;
-          const acc ai = weight[gi], li = lse_w[gi], ci = inv_cnt[gi];
-          const acc* wj = weight + c0;
-          const acc* lj_lse = lse_w + c0;
-          const acc* cj = inv_cnt + c0;
-          coef_row(srow, rel.labels ? rel.labels + c0 : nullptr, rel.labels ? rel.labels[gi] : 0, inv_tau, ai, li,
-                   ai * ci, wj, lj_lse, cj, bc);
+          coef_row(srow, rel.labels ? rel.labels + c0 : nullptr, rel.labels ? rel.labels[gi] : 0, inv_tau, weight[gi],
+                   max_w[gi], log_w[gi], inv_cnt[gi], weight + c0, max_w + c0, log_w + c0, inv_cnt + c0, bc);
           if (gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
         g.addmm_(s, zh_t.narrow(0, c0, bc));
@@ -369,7 +398,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
   const int64_t m = z.size(0), k = z.size(1), b = row_end - row_start;
   const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = z.options().dtype(acc_dtype);
-  at::Tensor loss = at::empty({b}, opts), count = at::empty({b}, opts), lse = at::empty({b}, opts);
+  // lse is (2, B): the row maximum m_i and l_i = log Σ_{j≠i} exp(x_ij − m_i) (LSE_i = m_i + l_i).
+  at::Tensor loss = at::empty({b}, opts), count = at::empty({b}, opts), lse = at::empty({2, b}, opts);
   if (b == 0) return {loss, count, lse};
   at::Tensor zh = at::empty({m, k}, opts), norm = at::empty({m}, opts);
   const Relation rel = make_relation(labels, crow, col);
@@ -377,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
     using acc = acc_t<scalar_t>;
     normalise_rows<scalar_t, acc>(z.data_ptr<scalar_t>(), m, k, zh.data_ptr<acc>(), norm.data_ptr<acc>());
     forward_kernel<acc>(zh, rel, static_cast<acc>(1.0 / temperature), row_start, row_end, loss.data_ptr<acc>(),
-                        count.data_ptr<acc>(), lse.data_ptr<acc>());
+                        count.data_ptr<acc>(), lse.data_ptr<acc>(), lse.data_ptr<acc>() + b);
   });
   return {loss, count, lse};
 }
@@ -397,14 +427,18 @@ at::Tensor info_nce_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z_in,
   const auto opts = z.options().dtype(acc_dtype);
   at::Tensor dz = at::empty({m, k}, z.options());
   if (m == 0 || k == 0) return dz.zero_();
-  // Per-row (M,) weights: a_k = g_k·[|P(k)| > 0] in the window, 0 elsewhere; LSE_k; 1/|P(k)|.
+  // Per-row (M,) weights: a_k = g_k·[|P(k)| > 0] in the window, 0 elsewhere; the split LSE_k
+  // (max +inf and log 0 where a_k = 0, so that every exp vanishes); 1/|P(k)|.
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == row_end - row_start,
+              "info_nce_bwd_cxx: lse must be the forward's (2, B) split LSE");
   const at::Tensor g = grad_rows.to(acc_dtype);
   const at::Tensor cnt = pos_count.to(acc_dtype);
   const at::Tensor has = cnt > 0;
-  at::Tensor weight = at::zeros({m}, opts), lse_w = at::full({m}, std::numeric_limits<double>::infinity(), opts),
-             inv_cnt = at::zeros({m}, opts);
+  at::Tensor weight = at::zeros({m}, opts), max_w = at::full({m}, std::numeric_limits<double>::infinity(), opts),
+             log_w = at::zeros({m}, opts), inv_cnt = at::zeros({m}, opts);
   weight.narrow(0, row_start, row_end - row_start).copy_(at::where(has, g, at::zeros_like(g)));
-  lse_w.narrow(0, row_start, row_end - row_start).copy_(at::where(has, lse.to(acc_dtype), at::full_like(g, INFINITY)));
+  max_w.narrow(0, row_start, row_end - row_start).copy_(at::where(has, lse[0].to(acc_dtype), at::full_like(g, INFINITY)));
+  log_w.narrow(0, row_start, row_end - row_start).copy_(at::where(has, lse[1].to(acc_dtype), at::zeros_like(g)));
   inv_cnt.narrow(0, row_start, row_end - row_start).copy_(at::where(has, cnt.reciprocal(), at::zeros_like(cnt)));
   at::Tensor zh = at::empty({m, k}, opts), norm = at::empty({m}, opts);
   const Relation rel = make_relation(labels, crow, col);
@@ -412,7 +446,7 @@ at::Tensor info_nce_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z_in,
     using acc = acc_t<scalar_t>;
     normalise_rows<scalar_t, acc>(z.data_ptr<scalar_t>(), m, k, zh.data_ptr<acc>(), norm.data_ptr<acc>());
     backward_kernel<scalar_t, acc>(zh, norm.data_ptr<acc>(), rel, static_cast<acc>(1.0 / temperature), row_start, row_end,
-                                   weight.data_ptr<acc>(), lse_w.data_ptr<acc>(), inv_cnt.data_ptr<acc>(),
+                                   weight.data_ptr<acc>(), max_w.data_ptr<acc>(), log_w.data_ptr<acc>(), inv_cnt.data_ptr<acc>(),
                                    dz.data_ptr<scalar_t>());
   });
   return dz;

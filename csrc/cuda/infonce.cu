@@ -15,7 +15,7 @@
 //             bit-identical. A per-row kernel (a warp per row) adds the CSR positives and
 //             applies the normalisation backward.
 //
-// Saved: LSE (B,) and |P(i)| (B,). Extra memory: norms (M,), a (M, K) dẑ buffer (fp32; fp64 for fp64).
+// Saved: the split LSE (2, B): row max and log Σ exp(x − max), and |P(i)| (B,). Extra memory: norms (M,), a (M, K) dẑ buffer (fp32; fp64 for fp64).
 // FLOPs: forward 2·B·M·K, backward 4·(2BM − B²)·K, plus 1 (forward) and 2 (backward) exp per pair.
 // All row offsets are int64 (M·K and M·M may pass 2³¹).
 #include <torch/extension.h>
@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
                                                            const int64_t* __restrict__ labels, const acc* __restrict__ pos_in,
                                                            const acc* __restrict__ cnt_in, int64_t m, int64_t k, int64_t rs,
                                                            int64_t re, acc inv_tau, acc* __restrict__ loss,
-                                                           acc* __restrict__ count, acc* __restrict__ lse_out) {
+                                                           acc* __restrict__ count, acc* __restrict__ max_out,
+                                                           acc* __restrict__ log_out) {
   __shared__ acc as[kTile][kSlice + 1];
   __shared__ acc bs[kTile][kSlice + 1];
   const int t = threadIdx.x, grp = t & 7;
@@ -116,7 +117,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
   const bool live = gi < re;
   const acc inv_i = live ? inv_norm(norm, gi) : acc(0);
   const int64_t lab_i = (labels && live) ? labels[gi] : 0;
-  acc run_max = -inf<acc>(), run_sum = 0, pos = 0, cnt = 0;
+  // run_top counts the lane's candidates equal to the running max (terms exactly 1), kept out
+  // of run_sum and added once at the end (see csrc/cpu/infonce.cpp: the split LSE).
+  acc run_max = -inf<acc>(), run_sum = 0, run_top = 0, pos = 0, cnt = 0;
   for (int64_t c0 = 0; c0 < m; c0 += kTile) {
     acc s[4];
     sim_tile<scalar_t, acc>(z, m, k, r0, re, c0, m, as, bs, s);
@@ -136,12 +139,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
     tmax = row_max(tmax);
     const acc new_max = fmax(run_max, tmax);
     const acc safe = new_max == -inf<acc>() ? acc(0) : new_max;
+    if (new_max > run_max) {  // the old maximum's terms join the others, rescaled
+      run_sum = (run_sum + run_top) * dexp(run_max - safe);
+      run_top = 0;
+    }
     acc part = 0;
-    for (int q = 0; q < 4; ++q) part += valid[q] ? dexp(x[q] - safe) : acc(0);
-    run_sum = run_sum * dexp(run_max - safe) + part;  // per-lane partial sums, one shared max
+    for (int q = 0; q < 4; ++q) {
+      const bool top = valid[q] && x[q] == new_max;
+      part += (valid[q] && !top) ? dexp(x[q] - safe) : acc(0);
+      run_top += top ? acc(1) : acc(0);
+    }
+    run_sum += part;  // per-lane partial sums, one shared max
     run_max = new_max;
   }
   run_sum = row_sum(run_sum);
+  run_top = row_sum(run_top);
   pos = row_sum(pos);
   cnt = row_sum(cnt);
   if (live && grp == 0) {
@@ -149,10 +161,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
       pos = pos_in[gi - rs];
       cnt = cnt_in[gi - rs];
     }
-    const acc l = run_max + dlog(run_sum);
-    lse_out[gi - rs] = l;
+    const acc l = dlog(run_top + run_sum);  // LSE − max
+    max_out[gi - rs] = run_max;
+    log_out[gi - rs] = l;
     count[gi - rs] = cnt;
-    loss[gi - rs] = cnt > 0 ? l - pos / cnt : acc(0);
+    loss[gi - rs] = cnt > 0 ? (run_max - pos / cnt) + l : acc(0);
   }
 }
 
@@ -184,7 +197,8 @@ __global__ void pairs_positive_kernel(const scalar_t* __restrict__ z, const acc*
 template <typename scalar_t, typename acc>
 __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(const scalar_t* __restrict__ z, const acc* __restrict__ norm,
                                                                   const int64_t* __restrict__ labels, const acc* __restrict__ w,
-                                                                  const acc* __restrict__ lse, const acc* __restrict__ invc,
+                                                                  const acc* __restrict__ mx, const acc* __restrict__ lg,
+                                                                  const acc* __restrict__ invc,
                                                                   int64_t m, int64_t k, int64_t rs, int64_t re, acc inv_tau,
                                                                   acc* __restrict__ dzh) {
   __shared__ acc as[kTile][kSlice + 1];
@@ -196,7 +210,8 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(const scalar_t
   const int64_t gi = r0 + row;
   const bool live = gi < m;
   const acc inv_i = live ? inv_norm(norm, gi) : acc(0);
-  const acc w_i = live ? w[gi] : acc(0), lse_i = live ? lse[gi] : inf<acc>(), c_i = live ? invc[gi] : acc(0);
+  const acc w_i = live ? w[gi] : acc(0), c_i = live ? invc[gi] : acc(0);
+  const acc max_i = live ? mx[gi] : inf<acc>(), log_i = live ? lg[gi] : acc(0);
   const int64_t lab_i = (labels && live) ? labels[gi] : 0;
   const bool has_anchor = r0 < re && r0 + kTile > rs;
   const int64_t cbeg = has_anchor ? 0 : rs, cend = has_anchor ? m : re;
@@ -212,9 +227,12 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(const scalar_t
         const acc inv_j = inv_norm(norm, gj);
         const acc x = s[q] * inv_i * inv_j * inv_tau;
         const acc w_j = w[gj];
-        d = w_i * dexp(x - lse_i) + w_j * dexp(x - lse[gj]);
-        if (labels && labels[gj] == lab_i) d -= w_i * c_i + w_j * invc[gj];
-        d *= inv_tau * inv_j;
+        acc p_ij = dexp((x - max_i) - log_i), p_ji = dexp((x - mx[gj]) - lg[gj]);
+        if (labels && labels[gj] == lab_i) {  // p − G/|P| before scaling: exact for a dominant positive
+          p_ij -= c_i;
+          p_ji -= invc[gj];
+        }
+        d = (w_i * p_ij + w_j * p_ji) * (inv_tau * inv_j);
       }
       ds[row][grp * 4 + q] = d;
     }
@@ -307,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(const at::Tenso
   const int64_t m = z.size(0), k = z.size(1), b = re - rs;
   const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = z.options().dtype(acc_dtype);
-  at::Tensor loss = at::empty({b}, opts), count = at::empty({b}, opts), lse = at::empty({b}, opts);
+  // lse is (2, B): the row maximum and log Σ exp(x − max) (csrc/cpu/infonce.cpp).
+  at::Tensor loss = at::empty({b}, opts), count = at::empty({b}, opts), lse = at::empty({2, b}, opts);
   if (b == 0) return {loss, count, lse};
   at::Tensor norm = at::empty({m}, opts);
   at::Tensor pos = at::empty({in.crow.defined() ? b : 0}, opts), cnt = at::empty({in.crow.defined() ? b : 0}, opts);
@@ -326,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cuda(const at::Tenso
     }
     forward_kernel<scalar_t, acc><<<static_cast<unsigned>((b + kTile - 1) / kTile), kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), norm.data_ptr<acc>(), ptr_or_null<int64_t>(in.labels), ptr_or_null<acc>(pos),
-        ptr_or_null<acc>(cnt), m, k, rs, re, inv_tau, loss.data_ptr<acc>(), count.data_ptr<acc>(), lse.data_ptr<acc>());
+        ptr_or_null<acc>(cnt), m, k, rs, re, inv_tau, loss.data_ptr<acc>(), count.data_ptr<acc>(), lse.data_ptr<acc>(),
+        lse.data_ptr<acc>() + b);
     SSLOPS_CUDA_CHECK_LAUNCH();
   });
   return {loss, count, lse};
@@ -344,12 +364,17 @@ at::Tensor info_nce_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z_in
   const auto opts = z.options().dtype(acc_dtype);
   at::Tensor dz = at::empty({m, k}, z.options());
   if (m == 0 || k == 0) return dz.zero_();
-  // a_k = g_k·[|P(k)| > 0] in the window (0 elsewhere), LSE (+inf where a_k = 0), 1/|P(k)|.
+  // a_k = g_k·[|P(k)| > 0] in the window (0 elsewhere), the split LSE (max +inf and log 0
+  // where a_k = 0), 1/|P(k)|.
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == 2 && lse_in.size(1) == re - rs,
+              "info_nce_bwd_cxx: lse must be the forward's (2, B) split LSE");
   const at::Tensor g = grad_rows.to(acc_dtype), cntv = pos_count.to(acc_dtype), has = cntv > 0;
-  at::Tensor w = at::zeros({m}, opts), lse = at::full({m}, std::numeric_limits<double>::infinity(), opts),
+  const double pinf = std::numeric_limits<double>::infinity();
+  at::Tensor w = at::zeros({m}, opts), max_w = at::full({m}, pinf, opts), log_w = at::zeros({m}, opts),
              invc = at::zeros({m}, opts);
   w.narrow(0, rs, re - rs).copy_(at::where(has, g, at::zeros_like(g)));
-  lse.narrow(0, rs, re - rs).copy_(at::where(has, lse_in.to(acc_dtype), at::full_like(g, std::numeric_limits<double>::infinity())));
+  max_w.narrow(0, rs, re - rs).copy_(at::where(has, lse_in[0].to(acc_dtype), at::full_like(g, pinf)));
+  log_w.narrow(0, rs, re - rs).copy_(at::where(has, lse_in[1].to(acc_dtype), at::zeros_like(g)));
   invc.narrow(0, rs, re - rs).copy_(at::where(has, cntv.clamp_min(1).reciprocal(), at::zeros_like(g)));
   at::Tensor norm = at::empty({m}, opts);
   at::Tensor dzh = at::empty({m, k}, opts);
@@ -363,7 +388,7 @@ at::Tensor info_nce_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z_in
     const dim3 grid(static_cast<unsigned>((m + kTile - 1) / kTile), static_cast<unsigned>((k + kKOut - 1) / kKOut));
     backward_tiles_kernel<scalar_t, acc><<<grid, kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), norm.data_ptr<acc>(), ptr_or_null<int64_t>(in.labels), w.data_ptr<acc>(),
-        lse.data_ptr<acc>(), invc.data_ptr<acc>(), m, k, rs, re, inv_tau, dzh.data_ptr<acc>());
+        max_w.data_ptr<acc>(), log_w.data_ptr<acc>(), invc.data_ptr<acc>(), m, k, rs, re, inv_tau, dzh.data_ptr<acc>());
     SSLOPS_CUDA_CHECK_LAUNCH();
     backward_rows_kernel<scalar_t, acc><<<static_cast<unsigned>((m + 7) / 8), 256, 0, stream>>>(
         z.data_ptr<scalar_t>(), norm.data_ptr<acc>(), dzh.data_ptr<acc>(), ptr_or_null<int64_t>(in.crow),

@@ -5,7 +5,10 @@ Two custom ops carry the loss through ``torch.library`` (so ``opcheck``,
 
 * ``sslops::info_nce_fwd(z, labels, crow, col, temperature, row_start, row_end, backend)
   -> (loss_rows, pos_count, lse)``: per-anchor ℓ_i, |P(i)| and the row LSE for the anchors
-  ``row_start <= i < row_end`` against all M rows of ``z``;
+  ``row_start <= i < row_end`` against all M rows of ``z``, kept split as a (2, B) tensor:
+  the row maximum m_i = max_{j≠i} x_ij and log Σ_{j≠i} exp(x_ij − m_i). One rounded fp32 LSE
+  (its ulp is that of |s/τ|) made the softmax weight of a dominant positive, and its gradient
+  p − 1, several times farther from float64 than lightly's or pytorch-metric-learning's;
 * ``sslops::info_nce_bwd(grad_rows, z, labels, crow, col, pos_count, lse, temperature,
   row_start, row_end, backend) -> dz``: the gradient for all M rows (anchor terms for the
   window, candidate terms for every row), recomputing the similarity tiles from the LSE.
@@ -73,7 +76,7 @@ def info_nce_fwd(z: Tensor, labels: Optional[Tensor], crow: Optional[Tensor], co
 def _(z, labels, crow, col, temperature, row_start, row_end, backend):
     b = row_end - row_start
     acc = _acc_dtype(z.dtype)
-    return z.new_empty((b,), dtype=acc), z.new_empty((b,), dtype=acc), z.new_empty((b,), dtype=acc)
+    return z.new_empty((b,), dtype=acc), z.new_empty((b,), dtype=acc), z.new_empty((2, b), dtype=acc)
 
 
 # ----------------------------------------------------------------------------- backward op
