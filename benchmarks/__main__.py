@@ -5,9 +5,13 @@
     python -m benchmarks --plot                # also draw time/memory against N and K
     python -m benchmarks.report                # markdown of the latest results per device
 
-``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``mce``) or
+    python -m benchmarks --headline --budget 200   # the GPU check's cases (benchmarks/headline.py)
+
+``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``clip``, ``siglip``, ``mce``) or
 loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ...). Rows are appended to
-``benchmarks/results/results.jsonl`` (``--out`` for another file).
+``benchmarks/results/local.jsonl``, which git ignores (``--out`` for another file): the
+committed ``benchmarks/results/results.jsonl`` changes only when results are curated on
+purpose (``--out benchmarks/results/results.jsonl``, or appending chosen rows to it).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import glob
 import importlib
 import os
 import sys
+import time
 
 import torch
 
 from . import common
 
 
-STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "mce"]
+STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "clip", "siglip", "mce"]
+# A run's rows go here unless --out says otherwise: untracked (.gitignore), so benchmarking
+# never modifies the curated, committed results.jsonl.
+LOCAL_RESULTS_FILE = os.path.join(common.RESULTS_DIR, "local.jsonl")
 
 
 def bench_modules():
@@ -64,12 +72,17 @@ def parse_args(argv=None):
     p.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of compiling allowed per run before 'compile' is skipped (default 150 on CPU, 1200 on CUDA)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="CPU: timing seconds per provider (at least 3 blocks each)")
-    p.add_argument("--out", default=common.RESULTS_FILE, help="results file to append to (JSON lines)")
+    p.add_argument("--out", default=LOCAL_RESULTS_FILE,
+                   help="results file to append to (JSON lines; default benchmarks/results/local.jsonl, untracked)")
     p.add_argument("--no-save", action="store_true", help="print only, append nothing")
     p.add_argument("--note", default="", help="free text stored with every row (e.g. 'shared machine')")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device ceiling for the FLOP bound (default: datasheet for known GPUs, else the best measured matmul rate)")
     p.add_argument("--plot", action="store_true", help="draw time/memory against N and K after the run")
+    p.add_argument("--headline", action="store_true",
+                   help="the headline GPU cases of every family, then torch.compile for one case per family (benchmarks/headline.py)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: start no new case after this long (the cases not run are listed)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
 
@@ -85,7 +98,12 @@ def main(argv=None):
         raise SystemExit(f"--dtype: unknown {bad}; expected some of {sorted(common.DTYPES)}")
     if args.peak_tflops is not None:
         os.environ["SSLOPS_BENCH_PEAK_TFLOPS"] = str(args.peak_tflops)
-    cases, unknown = select_cases(device, full, only, dtypes)
+    if args.headline:
+        from . import headline
+
+        cases, unknown = headline.cases(device), []
+    else:
+        cases, unknown = select_cases(device, full, only, dtypes)
     if unknown:
         raise SystemExit(f"--only: unknown {unknown}; stems: {sorted(bench_modules())}")
     if args.list:
@@ -114,8 +132,13 @@ def main(argv=None):
 
     total = sum(len(common.providers(c, device, not args.no_compile)) for _, c in cases)
     failed = 0
+    started = time.monotonic()
+    not_run = []
     with tqdm(total=total, desc="benchmarks", unit="provider", dynamic_ncols=True, file=sys.stderr) as bar:
         for _, case in cases:
+            if args.budget is not None and time.monotonic() - started > args.budget:
+                not_run.append(case.title)
+                continue
             bar.set_postfix_str(case.title)
 
             def advance(name):
@@ -134,6 +157,8 @@ def main(argv=None):
         print(f"\nappended to {args.out} (run {run_id})")
     if failed:
         print(f"{failed} provider runs failed (recorded with their reason)")
+    if not_run:
+        print(f"time budget of {args.budget:.0f} s spent: {len(not_run)} cases not run: {'; '.join(not_run)}")
     if args.plot:
         from . import plot
 

@@ -6,7 +6,7 @@ Runs on CPU with the gloo backend (NCCL when every rank has a GPU), two processe
 
 and unchanged as one process (``python examples/ddp_train.py``): ``gather=True`` without a
 process group is the single-process loss. Each rank draws its own two augmented views of
-its own samples; ``gather=True`` makes the losses see the global batch (SPEC §5): the
+its own samples; ``gather=True`` makes the losses see the global batch (conventions §5): the
 covariance terms all-reduce K×K sums, InfoNCE puts the local anchors against every
 rank's rows. Every rank returns a loss whose mean over ranks is the global-batch loss and
 whose gradient is W times the global gradient of its rows, so DDP's gradient averaging

@@ -48,6 +48,8 @@ import warnings
 
 import torch
 
+from . import _autocast
+
 CHECK_POLICIES = ("raise", "warn", "nan", "off")
 MARGIN = 0.01
 POWER_STEPS = 24
@@ -94,6 +96,7 @@ def _serial_on_cpu(device):
         torch.set_num_threads(threads)
 
 
+@_autocast.disabled  # x @ v in x's dtype, not fp16/bf16
 def power_estimate(x, steps=POWER_STEPS, vectors=POWER_VECTORS):
     """Estimate ρ(x) as the mean growth per step of ‖x^t v‖ over the last half of ``steps``."""
     with _serial_on_cpu(x.device):
@@ -144,6 +147,7 @@ def check_policy(check):
         raise ValueError(f"check must be one of {', '.join(map(repr, CHECK_POLICIES))}, got {check!r}")
 
 
+@_autocast.disabled  # every check in the matrices' dtype, not fp16/bf16
 def guard(result, mats, check, where):
     """Apply the policy ``check`` to ``result`` for the matrices ``mats``.
 

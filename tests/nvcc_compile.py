@@ -16,6 +16,16 @@ import sysconfig
 import tempfile
 
 
+def _cxx_standard(torch_version):
+    """setup.py's choice of C++ standard for this torch (C++20 from torch 2.14)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sslops_setup", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cxx_standard(torch_version)
+
+
 def nvcc_command(source, output, arch=None):
     from torch.utils import cpp_extension
 
@@ -29,7 +39,7 @@ def nvcc_command(source, output, arch=None):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
         nvcc, "-c", source, "-o", output,
-        "-std=c++17", "-O3", f"-arch={arch}", "--use_fast_math", "-lineinfo",
+        f"-std={_cxx_standard(torch.__version__)}", "-O3", f"-arch={arch}", "--use_fast_math", "-lineinfo",
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         "-DSSLOPS_WITH_CUDA", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",

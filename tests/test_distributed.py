@@ -1,4 +1,4 @@
-"""gather=True under torch.distributed (SPEC §5), with the gloo backend on 127.0.0.1.
+"""gather=True under torch.distributed (conventions §5), with the gloo backend on 127.0.0.1.
 
 One spawned process group per world size W = 1, 2, 3 runs every check inside it (spawning
 is the slow part on two cores). Every rank holds different rows and the local batch
@@ -151,16 +151,20 @@ def _public_or_direct(world):
             barlow=lambda a, b: sslops.barlow_twins_loss(a, b, gather=True),
             relation=lambda z, **kw: sslops.vicreg_relation_loss(z, gather=True, **kw),
             info_nce=lambda z, **kw: sslops.info_nce_loss(z, gather=True, **kw),
-            nt_xent=lambda a, b: sslops.nt_xent_loss(a, b, gather=True),
+            nt_xent=lambda a, b, **kw: sslops.nt_xent_loss(a, b, gather=True, **kw),
             matrix=lambda p, z: sslops.matrix_ssl_loss(p, z, gather=True),
+            clip=lambda a, b, t, **kw: sslops.clip_loss(a, b, t, gather=True, **kw),
+            siglip=lambda a, b, t, c, **kw: sslops.siglip_loss(a, b, t, c, gather=True, **kw),
         )
     return dict(
         vicreg=lambda a, b: sd.vicreg_loss(a, b),
         barlow=lambda a, b: sd.barlow_twins_loss(a, b),
         relation=lambda z, **kw: sd.vicreg_relation_loss(z, **kw),
         info_nce=lambda z, **kw: sd.info_nce_loss(z, **kw),
-        nt_xent=lambda a, b: sd.nt_xent_loss(a, b),
+        nt_xent=lambda a, b, **kw: sd.nt_xent_loss(a, b, **kw),
         matrix=lambda p, z: sd.matrix_ssl_loss(p, z),
+        clip=lambda a, b, t, **kw: sd.clip_loss(a, b, logit_scale=t, **kw),
+        siglip=lambda a, b, t, c, **kw: sd.siglip_loss(a, b, logit_scale=t, logit_bias=c, **kw),
     )
 
 
@@ -221,6 +225,7 @@ def _check_every_loss(rank, world):
     local_inv = (ea[er] - eb[er]).pow(2).mean()
     _close(mine, full - 25.0 * full_inv + 25.0 * local_inv, f"vicreg equal batches (rank {rank}): official per-rank value")
 
+    _check_contrastive_family(rank, world, sizes, za, zb, labels, pairs, api)
     _check_padded_reduce_scatter(rank, world, sizes, za, zb, labels, p, q, api)
     _check_noncontiguous(rank, world, sizes, za, zb, labels, api)
     if world > 1:
@@ -228,6 +233,75 @@ def _check_every_loss(rank, world):
         _check_large_mean_fp32(rank, world, sizes)
         _check_errors(rank, world, sizes, za, labels, pairs)
     _check_ddp(rank, world, sizes)
+
+
+def _check_loss_shared(name, rank, world, sizes, dist_fn, ref_fn, row_inputs, shared_inputs, grad_scale=0.7):
+    """:func:`_check_loss` with inputs every rank holds whole (a queue, a temperature, a scale, a bias):
+    their gradient on each rank is that of the rank's own loss, so the mean over ranks is ∂L/∂x."""
+    rows = _rows(world, sizes, rank)
+    local = [t[rows].clone().requires_grad_() for t in row_inputs]
+    shared = [t.clone().requires_grad_() for t in shared_inputs]
+    loss = dist_fn(*local, *shared)
+    (loss * grad_scale).backward()
+    full = [t.clone().requires_grad_() for t in row_inputs]
+    ref_shared = [t.clone().requires_grad_() for t in shared_inputs]
+    expected = ref_fn(*full, *ref_shared)
+    expected.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    _close(mean / world, expected.detach(), f"{name} (W={world}, rank {rank}): mean over ranks of the loss")
+    for i, (mine, ref) in enumerate(zip(local, full)):
+        _close(mine.grad, grad_scale * world * ref.grad[rows], f"{name} (W={world}, rank {rank}): grad of input {i}")
+    for i, (mine, ref) in enumerate(zip(shared, ref_shared)):
+        total = mine.grad.clone()
+        dist.all_reduce(total)
+        _close(total / world, grad_scale * ref.grad, f"{name} (W={world}, rank {rank}): mean grad of shared input {i}")
+
+
+def _check_contrastive_family(rank, world, sizes, za, zb, labels, pairs, api):
+    """Queues, in_batch_negatives=False, DCL/DCLW, a learnable temperature, CLIP and SigLIP (conventions §3b)."""
+    rows = _rows(world, sizes, rank)
+    g = torch.Generator().manual_seed(17)
+    queue = torch.randn(4, K, generator=g, dtype=F64)  # every rank holds the same queue
+    tau = torch.tensor(0.3, dtype=F64)
+    share = _share(pairs, rank, world)
+    cases = [
+        ("info_nce queue + DCL", lambda z, q, t: api["info_nce"](z, labels=labels[rows], temperature=t, negatives=q,
+                                                                   decoupled=True),
+         lambda z, q, t: sslops.info_nce_loss(z, labels=labels, temperature=t, negatives=q, decoupled=True,
+                                              backend="reference"), [za], [queue, tau]),
+        ("info_nce pairs DCLW", lambda z, t: api["info_nce"](z, pairs=share, temperature=t, decoupled="weighted"),
+         lambda z, t: sslops.info_nce_loss(z, pairs=pairs, temperature=t, decoupled="weighted", backend="reference"),
+         [za], [tau]),
+        ("nt_xent queue, no in-batch negatives (MoCo)",
+         lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, in_batch_negatives=False),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                backend="reference"), [za, zb], [queue, tau]),
+        ("nt_xent MoCo DCLW", lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                               decoupled="weighted"),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                decoupled="weighted", backend="reference"), [za, zb], [queue, tau]),
+        ("nt_xent queue DCLW", lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, decoupled="weighted"),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, decoupled="weighted",
+                                                backend="reference"), [za, zb], [queue, tau]),
+        ("clip", lambda a, b, t: api["clip"](a, b, t), lambda a, b, t: sslops.clip_loss(a, b, t, backend="reference"),
+         [za, zb], [tau * 20]),
+        ("clip labels", lambda a, b, t: api["clip"](a, b, t, labels=labels[rows]),
+         lambda a, b, t: sslops.clip_loss(a, b, t, labels=labels, backend="reference"), [za, zb], [tau * 20]),
+        ("siglip", lambda a, b, t, c: api["siglip"](a, b, t, c),
+         lambda a, b, t, c: sslops.siglip_loss(a, b, t, c, backend="reference"), [za, zb], [tau * 30, tau * -10]),
+        ("siglip labels", lambda a, b, t, c: api["siglip"](a, b, t, c, labels=labels[rows], normalize=False),
+         lambda a, b, t, c: sslops.siglip_loss(a, b, t, c, labels=labels, normalize=False, backend="reference"),
+         [za, zb], [tau, tau * -3]),
+    ]
+    for name, dist_fn, ref_fn, row_inputs, shared in cases:
+        _check_loss_shared(name, rank, world, sizes, dist_fn, ref_fn, row_inputs, shared)
+    # NegativeQueue: every rank enqueues its own keys; all ranks end with the same queue, in rank order
+    queue_module = sslops.nn.NegativeQueue(5, K, dtype=F64)
+    queue_module.enqueue(za[rows]) if world > 1 else queue_module.enqueue(za)
+    keys = za if world > 1 else za
+    expected = keys[-5:] if keys.shape[0] >= 5 else keys
+    _close(queue_module.negatives.sort(dim=0).values, expected.sort(dim=0).values, f"NegativeQueue (W={world})")
 
 
 def _check_padded_reduce_scatter(rank, world, sizes, za, zb, labels, p, q, api):

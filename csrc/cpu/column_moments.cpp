@@ -5,7 +5,9 @@
 // The two-pass form keeps the centred sum accurate when |mean| >> std (a one-pass
 // Σz² - N·mean² would cancel). Work is 3NK flops, traffic 2NK reads. Threads split the
 // columns; each walks all rows over its column slice, so reads stay within a row.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -43,12 +43,17 @@
 // once more in z_a's mean pass (VICReg: 7·NK element reads for both views, one pass fewer than
 // a separate Σ(z_a - z_b)² pass), an fp32 N×K copy per view written and read, the product
 // written once, read twice.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "../no_autocast.h"
 #include "column_reduce.h"
 #include "parallel.h"
 
@@ -56,12 +61,6 @@ namespace sslops {
 namespace {
 
 constexpr int64_t kColGrain = 32;
-
-// The at::mm calls below must run in the accumulation dtype even when the op is called
-// under torch.autocast (autocast would hand back bf16 products).
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
-};
 
 // Route codes shared with the Python op layer: 0 = by shape, 1 = K×K, 2 = Gram (N×N).
 bool use_gram(int64_t route, int64_t n, int64_t k, double gram_cost, double kk_cost) {

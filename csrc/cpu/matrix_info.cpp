@@ -16,7 +16,10 @@
 // Matrix-SSL per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops (symmetric half-blocks; 6NK² for K < 128), backward
 // 8NK² + 4·2K³ flops (4NK² when only p needs a gradient); memory beyond the inputs: the
 // N×2K centred rows (recomputed, not saved) and 3 + (h-1) + (n-1) = 7 saved K×K matrices.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -11,7 +11,7 @@
 //   Dev::lincomb(out, terms, d)         out = Σ c_i T_i + d·I in one pass (T_i any strided view)
 //   Dev::rows_backward(x, G, col0, g)   dL/dx = g·(row-wise normalisation backward of G[:, col0:])
 //
-// Math (SPEC §4; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
+// Math (conventions §4; c_k = (-1)^{k+1}/k, n = order, h = ceil(n/2)):
 //   pc, zc = centred normalised rows;  C = pcᵀzc/N, Sp = pcᵀpc/N, Sz = zcᵀzc/N
 //   Xu = C + (μ-1)I,  P = Sp + μI,  Xa = Sz + (μ-1)I
 //   U = -λ Σ_k c_k tr(Xu^k),      tr(Xu^k) = tr(Xu^a Xu^b), a = ceil(k/2), b = k - a
@@ -33,9 +33,17 @@
 // products in all (7 when only p needs a gradient, the common case of a stop-gradient target);
 // GEMMs 5NK² forward (6NK² for K < 128), 8NK² backward (4NK² when only p needs a gradient).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <vector>
+
+#include "../no_autocast.h"
 
 namespace sslops {
 namespace matrix_info {
@@ -95,6 +103,7 @@ template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_forward(const at::Tensor& p, const at::Tensor& z,
                                                                                      double lambd, double mu, double gamma,
                                                                                      int64_t order) {
+  NoAutocast no_autocast;  // the at:: products below stay in the accumulation dtype (csrc/no_autocast.h)
   TORCH_CHECK(p.dim() == 2 && p.sizes() == z.sizes(), "matrix_ssl_fwd_cxx: p and z must be (N, K) of one shape");
   TORCH_CHECK(order >= 1, "matrix_ssl_fwd_cxx: order must be >= 1");
   const int64_t n = p.size(0), k = p.size(1);
@@ -159,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
                                                 const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa,
                                                 const at::Tensor& saved, double lambd, double mu, double gamma, int64_t order,
                                                 bool need_p, bool need_z) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   const int64_t n = p.size(0), k = p.size(1);
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opt = p.options().dtype(acc);
@@ -242,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_backward(const at::Tensor& grad, const at
 // Forward. Returns (loss, X, saved) with X = Q - I (acc dtype) and saved = [A_1..A_{n-1}].
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_forward(const at::Tensor& p, const at::Tensor& q, int64_t order) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   TORCH_CHECK(p.dim() == 2 && p.size(0) == p.size(1) && p.sizes() == q.sizes(),
               "matrix_mce_fwd_cxx: p and q must be square (K, K) of one shape");
   TORCH_CHECK(p.scalar_type() == q.scalar_type(), "matrix_mce_fwd_cxx: p and q must have one dtype");
@@ -269,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mce_forward(const at::Tensor& p, 
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor> mce_backward(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& x,
                                                 const at::Tensor& saved, int64_t order, bool need_p, bool need_q) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
   TORCH_CHECK(order >= 1, "matrix_mce_bwd_cxx: order must be >= 1");
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == order - 1, "matrix_mce_bwd_cxx: saved must hold order - 1 matrices");
   const int64_t k = p.size(0);

@@ -3,7 +3,10 @@
 // Grid (32-column slices) × (row chunks), column_chunk_kernel in column_reduce.cuh; with several
 // chunks their (mean, m2) are merged by column_merge_kernel in chunk order (deterministic, no
 // atomics). 3NK flops, 2NK reads (+ 4·chunks·K bytes of partials when split).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>

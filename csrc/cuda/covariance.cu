@@ -29,7 +29,19 @@
 // for VICReg's two views, one pass fewer than a separate Σ(z_a - z_b)² pass), an fp32 NK copy
 // written and read, the min(N,K)² product; with several row chunks + (3 or 4)·chunks·K
 // accumulator-sized partials (chunks ≤ 4·SMs), negligible next to NK.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isnan.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
@@ -38,6 +50,7 @@
 #include <cmath>
 #include <utility>
 
+#include "../no_autocast.h"
 #include "column_reduce.cuh"
 #include "stream.h"
 
@@ -46,10 +59,6 @@ namespace {
 
 constexpr int kCols = kColumnSlice;
 constexpr int kRows = kRowStride;
-
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
-};
 
 bool use_gram(int64_t route, double gram_cost, double kk_cost) {
   if (route == 1) return false;

@@ -14,7 +14,13 @@
 // tr(A_{k-1}·X) and ATen for the rest: order 4 is 3 K×K products forward, 5 backward.
 // Matrix-SSL per call, order 4: forward 5NK² + 8K³ flops (6NK² for K < 128), backward 8NK² + 8K³; traffic beyond the
 // GEMMs ~ 3 passes over N×K and 2K² per trace. Not yet run on a GPU (cuda_verified=False).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>

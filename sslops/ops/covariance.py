@@ -71,7 +71,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, _extension
+from .. import _autocast, _backend, _extension
 
 __all__ = ["set_dot_precision", "dot_precision"]
 
@@ -196,6 +196,7 @@ def _stat_fakes(z):
 
 
 @torch.library.custom_op("sslops::vicreg_fwd", mutates_args=())
+@_autocast.disabled
 def vicreg_fwd(z_a: torch.Tensor, z_b: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float,
                backend: str, route: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                               torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,14 +225,17 @@ def _(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, backend, route, save):
 
 
 @torch.library.custom_op("sslops::vicreg_bwd", mutates_args=())
+@_autocast.disabled
 def vicreg_bwd(grad: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor,
                prod_a: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor, prod_b: torch.Tensor, sim_coeff: float,
                std_coeff: float, cov_coeff: float, eps: float, backend: str, route: int) -> tuple[torch.Tensor, torch.Tensor]:
     kern = _kernels(backend)
     n, k = z_a.shape
     route = _resolve(route, vicreg_route, z_a)
-    scale = torch.tensor([std_coeff / (2 * k), cov_coeff / k, 2 * sim_coeff / (n * k)], dtype=mean_a.dtype, device=z_a.device)
-    coef = grad.to(mean_a.dtype) * scale
+    # the coefficients from the device-side grad times Python floats: a torch.tensor([...],
+    # device=...) here would be a host-to-device copy and a stream sync on every backward
+    g = grad.to(mean_a.dtype)
+    coef = torch.stack([g * (std_coeff / (2 * k)), g * (cov_coeff / k), g * (2 * sim_coeff / (n * k))])
     dz_a = kern.vicreg_view_backward(z_a, z_b, mean_a, m2_a, prod_a, coef, eps, route)
     dz_b = kern.vicreg_view_backward(z_b, z_a, mean_b, m2_b, prod_b, coef, eps, route)
     return dz_a, dz_b
@@ -262,6 +266,7 @@ vicreg_fwd.register_autograd(_vicreg_backward, setup_context=_vicreg_setup)
 
 
 @torch.library.custom_op("sslops::vicreg_varcov_fwd", mutates_args=())
+@_autocast.disabled
 def vicreg_varcov_fwd(z: torch.Tensor, eps: float, backend: str, route: int,
                       save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """terms = [Σ_k relu(1 - sqrt(Cov_kk + eps)), Σ_{j≠k} Cov_jk², 0] (3,), mean (K,), m2 (K,), saved product.
@@ -278,6 +283,7 @@ def _(z, eps, backend, route, save):
 
 
 @torch.library.custom_op("sslops::vicreg_varcov_bwd", mutates_args=())
+@_autocast.disabled
 def vicreg_varcov_bwd(grad_terms: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, prod: torch.Tensor,
                       eps: float, backend: str, route: int) -> torch.Tensor:
     # terms[2] is identically 0 without other: coef[2] = 0 (the kernels ignore it then anyway)
@@ -350,6 +356,7 @@ def _canonical_pairs(pairs, n, acc):
 
 
 @torch.library.custom_op("sslops::relation_invariance_fwd", mutates_args=())
+@_autocast.disabled
 def relation_invariance_fwd(z: torch.Tensor, labels: Optional[torch.Tensor], pairs: Optional[torch.Tensor]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, nnz, rows, cols, weight, mean): total = Σ_ij G_ij‖z_i - z_j‖², nnz = nnz(G), plus what the backward reads.
@@ -396,6 +403,7 @@ def _(z, labels, pairs):
 
 
 @torch.library.custom_op("sslops::relation_invariance_bwd", mutates_args=())
+@_autocast.disabled
 def relation_invariance_bwd(grad: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
                             mean: torch.Tensor, by_labels: bool) -> torch.Tensor:
     """d total / d z · grad, in z's dtype (see the forward for rows, cols, weight, mean)."""
@@ -463,6 +471,7 @@ def _relation_invariance(z, labels, pairs):
 
 
 @torch.library.custom_op("sslops::barlow_twins_fwd", mutates_args=())
+@_autocast.disabled
 def barlow_twins_fwd(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float, backend: str, route: int,
                      save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor]:
@@ -480,6 +489,7 @@ def _(z_a, z_b, lambd, eps, backend, route, save):
 
 
 @torch.library.custom_op("sslops::barlow_twins_bwd", mutates_args=())
+@_autocast.disabled
 def barlow_twins_bwd(grad: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor, mean_a: torch.Tensor, rstd_a: torch.Tensor,
                      mean_b: torch.Tensor, rstd_b: torch.Tensor, prod_a: torch.Tensor, prod_b: torch.Tensor, lambd: float,
                      backend: str, route: int) -> tuple[torch.Tensor, torch.Tensor]:

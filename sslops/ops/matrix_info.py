@@ -1,6 +1,6 @@
 r"""Custom ops of the matrix-information family: Matrix-SSL, matrix cross-entropy (and their convergence guard).
 
-One direction of Matrix-SSL (SPEC §4), rows L2-normalised, J the centring by column means,
+One direction of Matrix-SSL (conventions §4), rows L2-normalised, J the centring by column means,
 c_k = (-1)^{k+1}/k, n = ``order``:
 
 .. math::
@@ -57,7 +57,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend, _extension, matrix_guard
+from .. import _autocast, _backend, _extension, matrix_guard
 
 __all__ = ["matrix_ssl", "guard_matrices", "matrix_cross_entropy"]
 
@@ -79,6 +79,7 @@ def _impl(backend):
 
 
 @torch.library.custom_op("sslops::matrix_info_ssl_forward", mutates_args=())
+@_autocast.disabled
 def _ssl_forward(
     p: Tensor, z: Tensor, lambd: float, mu: float, gamma: float, order: int, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -95,6 +96,7 @@ def _(p, z, lambd, mu, gamma, order, backend):
 
 
 @torch.library.custom_op("sslops::matrix_info_ssl_backward", mutates_args=())
+@_autocast.disabled
 def _ssl_backward(
     grad: Tensor,
     p: Tensor,
@@ -181,6 +183,7 @@ def _mce_impl(backend):
 
 
 @torch.library.custom_op("sslops::matrix_info_mce_forward", mutates_args=())
+@_autocast.disabled
 def _mce_forward(p: Tensor, q: Tensor, order: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     fwd, _ = _mce_impl(backend)
     return tuple(fwd(p, q, order))
@@ -194,6 +197,7 @@ def _(p, q, order, backend):
 
 
 @torch.library.custom_op("sslops::matrix_info_mce_backward", mutates_args=())
+@_autocast.disabled
 def _mce_backward(
     grad: Tensor, p: Tensor, x: Tensor, saved: Tensor, order: int, need_p: bool, need_q: bool, backend: str
 ) -> Tuple[Tensor, Tensor]:
