@@ -181,6 +181,8 @@ def main():
             "triton": ["triton>=3.0"],
             "test": ["pytest>=7", "numpy", "tqdm"],
             "bench": ["tqdm", "matplotlib"],
+            "metrics": ["torchmetrics>=1.0"],
+            "examples": ["scikit-learn>=1.3", "matplotlib", "tqdm"],
         },
         zip_safe=False,
     )

@@ -7,8 +7,9 @@
 
     python -m benchmarks --headline --budget 200   # the GPU check's cases (benchmarks/headline.py)
 
-``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``clip``, ``siglip``, ``mce``) or
-loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ...). Rows are appended to
+``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``clip``, ``siglip``,
+``mce``, ``metrics``) or loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ``rankme``,
+``alignment``, ...). Rows are appended to
 ``benchmarks/results/local.jsonl``, which git ignores (``--out`` for another file): the
 committed ``benchmarks/results/results.jsonl`` changes only when results are curated on
 purpose (``--out benchmarks/results/results.jsonl``, or appending chosen rows to it).
@@ -28,7 +29,7 @@ import torch
 from . import common
 
 
-STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "clip", "siglip", "mce"]
+STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "clip", "siglip", "mce", "metrics"]
 # A run's rows go here unless --out says otherwise: untracked (.gitignore), so benchmarking
 # never modifies the curated, committed results.jsonl.
 LOCAL_RESULTS_FILE = os.path.join(common.RESULTS_DIR, "local.jsonl")
@@ -135,7 +136,8 @@ def main(argv=None):
     started = time.monotonic()
     not_run = []
     with tqdm(total=total, desc="benchmarks", unit="provider", dynamic_ncols=True, file=sys.stderr) as bar:
-        for _, case in cases:
+        modules = bench_modules()
+        for stem, case in cases:
             if args.budget is not None and time.monotonic() - started > args.budget:
                 not_run.append(case.title)
                 continue
@@ -146,8 +148,9 @@ def main(argv=None):
 
             if device.type == "cpu":
                 bar.set_postfix_str(f"{case.title} (load {os.getloadavg()[0]:.1f})")
-            rows = common.run_case(case, device, with_compile=not args.no_compile, compile_budget=budget,
-                                   min_run_time=args.min_run_time, on_provider=advance)
+            run_case = getattr(modules[stem], "run_case", common.run_case)  # e.g. bench_distributed spawns ranks
+            rows = run_case(case, device, with_compile=not args.no_compile, compile_budget=budget,
+                            min_run_time=args.min_run_time, on_provider=advance)
             failed += sum(r.get("status") == "failed" for r in rows)
             tqdm.write("\n" + common.format_table(case, rows), file=sys.stdout)
             sys.stdout.flush()

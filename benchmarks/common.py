@@ -3,7 +3,8 @@
 A :class:`Case` is one loss at one shape and dtype. Each ``benchmarks/bench_<stem>.py``
 defines ``LOSSES`` (the loss names it covers) and ``cases(device, full) -> list[Case]``.
 For every case the harness runs these *providers*, each as forward + backward
-(``loss.backward()`` with respect to every floating-point input):
+(``loss.backward()`` with respect to every floating-point input; forward only for a case
+with ``backward=False``, such as the diagnostics of ``bench_metrics``):
 
 * ``sslops-<backend>`` for every backend in ``sslops.kernel_backends(loss, device)``
   (the Triton interpreter is a test tool, not a provider: ``triton`` is skipped on CPU);
@@ -104,6 +105,10 @@ class Case:
         skip_backends: ``{backend: reason}``: sslops backends not run for this case,
             recorded as skipped with the reason (e.g. a kernel known to be far too slow
             at this size to be worth the device time).
+        skip_providers: ``{provider: reason}``: the same for ``naive``, ``compile`` or an
+            ``extra`` provider (e.g. a naive route that would not fit in memory).
+        backward: False for a forward-only case (a diagnostic, not a loss): the inputs
+            get no ``requires_grad`` and the providers are timed without ``backward()``.
     """
 
     loss: str
@@ -118,6 +123,8 @@ class Case:
     name: str = ""
     compile: bool = True
     skip_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
+    skip_providers: Dict[str, str] = dataclasses.field(default_factory=dict)
+    backward: bool = True
 
     def __post_init__(self):
         if not self.name:
@@ -429,14 +436,15 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
         out.append(("compile", None, "compile not run at this size on this device (Case.compile=False)"))
     for name, fn in case.extra.items():
         out.append((name, fn, None))
-    return out
+    return [(name, None, case.skip_providers[name]) if name in case.skip_providers else (name, fn, why)
+            for name, fn, why in out]
 
 
 def _prepare(case: Case, device: torch.device):
     inputs = case.make_inputs(device)
     prepared = []
     for t in inputs:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and case.backward:
             t = t.detach().requires_grad_(True)
         prepared.append(t)
     leaves = [t for t in prepared if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -453,7 +461,8 @@ def _make_step(fn, inputs, leaves):
         for t in leaves:
             t.grad = None
         loss = fn(*inputs)
-        loss.backward()
+        if leaves:  # forward-only cases (Case.backward False) have no leaves
+            loss.backward()
         return loss
 
     return step
@@ -700,6 +709,8 @@ def result_rows(case: Case, device: torch.device, rows: Sequence[dict], run_id: 
             "rel_diff_vs_naive": r.get("rel_diff_vs_naive"),
             "error": r.get("error"),
             "wall_s": r.get("wall_s"),
+            "bytes_forward": r.get("bytes_forward"),
+            "bytes_backward": r.get("bytes_backward"),
             "time_method": CUDA_TIME_METHOD if device.type == "cuda" else CPU_TIME_METHOD,
             "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
             "note": notes,
@@ -737,11 +748,17 @@ def fmt_mb(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _mb(nbytes):
+    return None if nbytes is None else nbytes / 1e6
+
+
 def format_table(case: Case, rows: Sequence[dict]) -> str:
     """A plain-text table of one case's providers."""
     has_bound = any(r.get("bound_ms") is not None for r in rows)
     has_rss = any(r.get("peak_rss_mb") is not None for r in rows)
+    has_bytes = any(r.get("bytes_forward") is not None for r in rows)
     header = ["provider", "median ms", "p20", "p80", "peak MB"] + (["RSS MB"] if has_rss else [])
+    header += ["sent MB fwd", "bwd"] if has_bytes else []
     header += ["speed-up", "mem x", "loss rel.diff"]
     if has_bound:
         header += ["bound ms", "% bound"]
@@ -751,7 +768,8 @@ def format_table(case: Case, rows: Sequence[dict]) -> str:
         ok = r.get("status") == "ok"
         cells = [r["provider"],
                  _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("p20_ms"), ".3f"), _fmt(r.get("p80_ms"), ".3f"),
-                 fmt_mb(r.get("peak_mb"))] + ([fmt_mb(r.get("peak_rss_mb"))] if has_rss else []) + [
+                 fmt_mb(r.get("peak_mb"))] + ([fmt_mb(r.get("peak_rss_mb"))] if has_rss else []) + (
+                 [fmt_mb(_mb(r.get("bytes_forward"))), fmt_mb(_mb(r.get("bytes_backward")))] if has_bytes else []) + [
                  _fmt(r.get("speedup_vs_naive"), ".2f"), _fmt(r.get("memory_ratio_vs_naive"), ".2f"),
                  _fmt(r.get("rel_diff_vs_naive"), ".1e")]
         if has_bound:
@@ -772,7 +790,8 @@ LEGEND = ("time: forward+backward per call (median, p20, p80); peak MB: peak all
           "(both > 1 = better than naive PyTorch); RSS MB (CPU) = growth of the process's peak resident "
           "memory while timing, a cross-check that also sees non-PyTorch allocations; loss rel.diff = |loss - naive loss| / |naive loss| (naive "
           "runs in the input dtype); bound ms = the case's FLOPs at the device ceiling (datasheet "
-          "peak for known GPUs, else the best measured matmul rate, or --peak-tflops), % bound = bound / median")
+          "peak for known GPUs, else the best measured matmul rate, or --peak-tflops), % bound = bound / median; "
+          "sent MB fwd/bwd (distributed cases) = bytes one rank sends to the collectives per call (ring model)")
 
 
 def is_cuda(device) -> bool:

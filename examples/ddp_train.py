@@ -6,9 +6,10 @@ Runs on CPU with the gloo backend (NCCL when every rank has a GPU), two processe
 
 and unchanged as one process (``python examples/ddp_train.py``): ``gather=True`` without a
 process group is the single-process loss. Each rank draws its own two augmented views of
-its own samples; ``gather=True`` makes the losses see the global batch (conventions §5): the
-covariance terms all-reduce K×K sums, InfoNCE puts the local anchors against every
-rank's rows. Every rank returns a loss whose mean over ranks is the global-batch loss and
+its own samples; ``gather=True`` makes the losses see the global batch (conventions §5;
+README, "Distributed training"): VICReg and Barlow Twins exchange either the rows or their K×K
+sums, whichever moves fewer bytes (``--gather rows|sums`` forces one), InfoNCE puts the
+local anchors against every rank's rows. Every rank returns a loss whose mean over ranks is the global-batch loss and
 whose gradient is W times the global gradient of its rows, so DDP's gradient averaging
 trains exactly as one process on the concatenated batch would.
 """
@@ -22,6 +23,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sslops
 
+if dist.is_available():
+    # Imported before init_process_group on purpose (torch 2.13, 2026-11-30). DDP imports this
+    # module lazily, and its functions' default argument ``group=group.WORLD`` would then hold
+    # the default process group until the interpreter exits, so that destroy_process_group()
+    # could not free it nor join gloo's worker threads (see the end of main()).
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,6 +39,8 @@ def parse_args():
     parser.add_argument("--embed", type=int, default=16, help="embedding features K")
     parser.add_argument("--loss", choices=("vicreg", "barlow", "simclr"), default="vicreg")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--gather", choices=("auto", "rows", "sums"), default="auto",
+                        help="forward path of the covariance losses across ranks (auto: fewer bytes)")
     return parser.parse_args()
 
 
@@ -75,9 +85,9 @@ def main():
         z = model(views)  # one forward per step: both views in one batch
         z_a, z_b = z.chunk(2)
         if args.loss == "vicreg":
-            loss = sslops.vicreg_loss(z_a, z_b, gather=True)
+            loss = sslops.vicreg_loss(z_a, z_b, gather=args.gather)
         elif args.loss == "barlow":
-            loss = sslops.barlow_twins_loss(z_a, z_b, gather=True)
+            loss = sslops.barlow_twins_loss(z_a, z_b, gather=args.gather)
         else:
             loss = sslops.nt_xent_loss(z_a, z_b, temperature=0.5, gather=True)
         optimizer.zero_grad(set_to_none=True)
@@ -93,6 +103,16 @@ def main():
             print(f"step {step}: global-batch loss {shown.item():.4f}", flush=True)
 
     if world > 1:
+        # Leave the process group in this order, so that none of gloo's threads outlives Python
+        # (issue 12: ~3 runs in 20 aborted after training on a loaded machine). A gloo worker
+        # thread still holding a finished collective's tensors when the interpreter shuts down
+        # needs the GIL to release them and dies with "terminate called without an active
+        # exception" (SIGABRT). So every rank waits for the others (none leaves while a peer
+        # still sends), DDP goes first (its reducer holds a reference to the process group),
+        # and destroy_process_group() drops the last reference: its destructor joins gloo's
+        # threads here, with Python whole.
+        dist.barrier()
+        del model, optimizer
         dist.destroy_process_group()
 
 

@@ -25,6 +25,8 @@ from .functional import (
     vicreg_relation_loss,
 )
 from . import nn  # noqa: E402
+from . import metrics  # noqa: E402  (diagnostics; the streaming ones load torchmetrics lazily)
+from . import spectral, toy  # noqa: E402  (the papers' closed-form optima and toy data)
 
 __all__ = [
     "__version__",
@@ -43,5 +45,8 @@ __all__ = [
     "matrix_cross_entropy",
     "matrix_ssl_loss",
     "nn",
+    "metrics",
+    "spectral",
+    "toy",
     "reference",
 ]

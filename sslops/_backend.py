@@ -211,6 +211,26 @@ def resolve(loss: str, backend: Optional[str], device: torch.device, shapes=()) 
     return name
 
 
+def run(loss: str, backend: Optional[str], tensors, params: dict, reference_fn: Callable):
+    """``loss`` on ``tensors`` with the backend ``backend`` resolves to for them (see :func:`resolve`).
+
+    A kernel backend gets the tensors as they are; ``"reference"`` runs ``reference_fn`` on
+    the floating-point tensors, those among ``params`` too (a tensor temperature, logit scale
+    or bias, a queue of negatives), cast to fp32 (fp64 for fp64), its compute dtype. Shared by
+    the single-process losses (:mod:`sslops.functional`) and the gathered-rows paths of
+    :mod:`sslops.distributed`, which run the same kernels on the global batch.
+    """
+    lead = tensors[0]
+    name = resolve(loss, backend, lead.device, tuple(t.shape for t in tensors if isinstance(t, torch.Tensor)))
+    if name != "reference":
+        return kernel_impl(loss, name)(*tensors, **params)
+    wide = torch.float64 if lead.dtype == torch.float64 else torch.float32
+    def widen(t):
+        return t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return reference_fn(*map(widen, tensors), **{key: widen(value) for key, value in params.items()})
+
+
 def kernel_backends(loss: str, device) -> list:
     """The sslops kernel backends that can run ``loss`` on ``device`` (for benchmarks and tests)."""
     device = torch.device(device)

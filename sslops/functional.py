@@ -18,6 +18,7 @@ Conventions shared by every loss:
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -43,18 +44,7 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _run(loss, backend, tensors, params, reference_fn):
-    """Run ``loss`` on the resolved backend; the reference runs in fp32 (fp64 for fp64)."""
-    lead = tensors[0]
-    name = _backend.resolve(loss, backend, lead.device, tuple(t.shape for t in tensors if isinstance(t, torch.Tensor)))
-    if name != "reference":
-        return _backend.kernel_impl(loss, name)(*tensors, **params)
-    wide = _compute_dtype(lead.dtype)
-
-    def widen(t):
-        return t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-    return reference_fn(*map(widen, tensors), **{key: widen(value) for key, value in params.items()})
+_run = _backend.run  # the resolved backend's kernel, or the reference in fp32 (fp64 for fp64)
 
 
 def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
@@ -71,7 +61,9 @@ def _relation_run(loss, backend, z, labels, pairs, params, reference_fn):
     return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
-def _gathering(gather):
+def _gathering(gather, loss):
+    """Whether ``gather`` asks for the global batch here; a string must name a path ``loss`` has."""
+    distributed.check_gather(gather, loss)
     return bool(gather) and distributed.world_size() > 1
 
 
@@ -110,11 +102,15 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         sim_coeff, std_coeff, cov_coeff: the weights λ_sim, λ_std, λ_cov (25, 25, 1).
         eps: added to the variance before the square root (in fp32).
-        gather: global-batch loss over all ranks (conventions §5); the invariance MSE stays local,
-            as in the official code.
+        gather: global-batch loss over all ranks (conventions §5; README, "Distributed training"); the
+            invariance MSE stays local, as in the official code. ``True``/``"auto"``: the
+            forward path that moves fewer bytes (``SSLOPS_GATHER`` can force one); ``"rows"``:
+            all-gather the rows, then the fused kernel on the global batch; ``"sums"``:
+            all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
+            backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "vicreg")
     with _checked("vicreg", gathering):
         V.check_embedding("z_a", z_a, min_rows=1 if gathering else 2, why_rows=" (VICReg needs a variance)")
         V.check_embedding("z_b", z_b, min_rows=1 if gathering else 2, why_rows=" (VICReg needs a variance)")
@@ -124,7 +120,7 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
         V.check_positive("eps", eps)
     params = dict(sim_coeff=float(sim_coeff), std_coeff=float(std_coeff), cov_coeff=float(cov_coeff), eps=float(eps))
     if gathering:
-        return distributed.vicreg_loss(z_a, z_b, backend=backend, **params)
+        return distributed.vicreg_loss(z_a, z_b, gather=gather, backend=backend, **params)
     return _run("vicreg", backend, (z_a, z_b), params, reference.vicreg_loss)
 
 
@@ -152,10 +148,14 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
         labels: (N,) integer tensor, or ``pairs``: (2, P) int64 indices in [0, N); exactly one.
         alpha, beta, gamma: weights of var, cov and inv (25, 1, 25).
         eps: added to the variance before the square root.
-        gather: global-batch loss (conventions §5); ``pairs`` then hold global row indices.
+        gather: global-batch loss (conventions §5; README, "Distributed training"); ``pairs`` then hold
+            global row indices. ``True``/``"auto"``: the forward path that moves fewer bytes
+            (``SSLOPS_GATHER`` can force one); ``"rows"``: all-gather the rows, then the fused
+            kernel on the global batch; ``"sums"``: all-reduce K×K sums
+            (:mod:`sslops.distributed` tables the bytes of both). No backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "vicreg_relation")
     with _checked("vicreg_relation", gathering):
         V.check_embedding("z", z, min_rows=1 if gathering else 2, why_rows=" (the variance term needs two)")
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
@@ -163,7 +163,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
         V.check_positive("eps", eps)
     params = dict(alpha=float(alpha), beta=float(beta), gamma=float(gamma), eps=float(eps))
     if gathering:
-        return distributed.vicreg_relation_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
+        return distributed.vicreg_relation_loss(z, labels=labels, pairs=pairs, gather=gather, backend=backend, **params)
     V.check_relation(z.shape[0], z.device, labels, pairs)
     return _relation_run("vicreg_relation", backend, z, labels, pairs, params, reference.vicreg_relation_loss)
 
@@ -188,10 +188,14 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
         z_a, z_b: (N, K) embeddings of the two views, N >= 2.
         lambd: weight of the off-diagonal term (0.0051).
         eps: batch-norm epsilon (1e-5), applied in fp32.
-        gather: global-batch loss (conventions §5).
+        gather: global-batch loss (conventions §5; README, "Distributed training"). ``True``/``"auto"``: the
+            forward path that moves fewer bytes (``SSLOPS_GATHER`` can force one); ``"rows"``:
+            all-gather the rows, then the fused kernel on the global batch; ``"sums"``:
+            all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
+            backward collective.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "barlow_twins")
     with _checked("barlow_twins", gathering):
         V.check_embedding("z_a", z_a, min_rows=1 if gathering else 2, why_rows=" (batch normalisation needs a variance)")
         V.check_embedding("z_b", z_b, min_rows=1 if gathering else 2, why_rows=" (batch normalisation needs a variance)")
@@ -200,7 +204,7 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
         V.check_positive("eps", eps)
     params = dict(lambd=float(lambd), eps=float(eps))
     if gathering:
-        return distributed.barlow_twins_loss(z_a, z_b, backend=backend, **params)
+        return distributed.barlow_twins_loss(z_a, z_b, gather=gather, backend=backend, **params)
     return _run("barlow_twins", backend, (z_a, z_b), params, reference.barlow_twins_loss)
 
 
@@ -280,7 +284,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None
         length, pairs out of range, τ ≤ 0, negatives of another K/dtype/device,
         ``in_batch_negatives=False`` without negatives).
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "info_nce")
     with _checked("info_nce", gathering):
         V.check_embedding("z", z)
         _check_contrastive_options("z", z, temperature, negatives, in_batch_negatives, decoupled)
@@ -319,7 +323,7 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, negatives=None, in_batch_negative
         gather: global-batch negatives (conventions §5); ``negatives`` are not gathered.
         backend: see :mod:`sslops`.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "nt_xent")
     with _checked("nt_xent", gathering):
         V.check_embedding("z_a", z_a)
         V.check_embedding("z_b", z_b)
@@ -373,7 +377,7 @@ def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=Fals
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs); gradients in the inputs' dtype.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "clip")
     with _checked("clip", gathering):
         _check_two_sets("clip", z_a, z_b, labels, normalize, gathering)
         V.check_hyper("logit_scale", logit_scale, z_a.device, positive=True)
@@ -412,7 +416,7 @@ def siglip_loss(z_a, z_b, logit_scale, logit_bias, *, labels=None, normalize=Tru
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs).
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "siglip")
     with _checked("siglip", gathering):
         _check_two_sets("siglip", z_a, z_b, labels, normalize, gathering)
         V.check_hyper("logit_scale", logit_scale, z_a.device, positive=True)
@@ -614,12 +618,14 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
         p, z: (N, K) online-branch and target-branch embeddings.
         lambd, mu, gamma: λ, μ, γ (1, 1, 1).
         order: Taylor order n >= 1 (4).
-        gather: global-batch loss (conventions §5); the series path only, not guarded.
+        gather: global-batch loss (conventions §5; README, "Distributed training"): one all-gather of the
+            rows, then this function on the global batch on every rank (``method="taylor"``
+            only; ``check`` applies there).
         backend: see :mod:`sslops` (``method="taylor"`` only).
         method: ``"taylor"`` (the released code's series) or ``"exact"``.
         check: the convergence guard's policy for ``method="taylor"``.
     """
-    gathering = _gathering(gather)
+    gathering = _gathering(gather, "matrix_ssl")
     with _checked("matrix_ssl", gathering):
         V.check_embedding("p", p)
         V.check_embedding("z", z)
@@ -634,7 +640,8 @@ def matrix_ssl_loss(p, z, *, lambd=1.0, mu=1.0, gamma=1.0, order=4, gather=False
     if gathering:
         if method != "taylor":
             raise ValueError("method='exact' does not support gather=True; use method='taylor'")
-        return distributed.matrix_ssl_loss(p, z, backend=backend, **params)
+        single = functools.partial(matrix_ssl_loss, **params, backend=backend, method=method, check=check)
+        return distributed.matrix_ssl_loss(p, z, single, backend=backend)
     wide = _compute_dtype(p.dtype)
     if method == "exact":
         return _matrix_ssl_exact(p.to(wide), z.to(wide), params["lambd"], params["mu"], params["gamma"])

@@ -43,10 +43,14 @@ def test_install_from_a_python_inside_a_venv_downloads_nothing(tmp_path):
     if sys.prefix == sys.base_prefix:
         pytest.skip("the tests do not run inside a virtual environment here: no venv python to rehearse with")
     venv = tmp_path / "venv"
+    built = sorted(p.name for p in (ROOT / "sslops").glob("_C*.so"))
     env = _offline_env(PYTHON=sys.executable, SSLOPS_VENV=str(venv), SSLOPS_SKIP_EXT="1", SSLOPS_PREBUILT=str(tmp_path / "none"))
     proc = subprocess.run(["bash", str(CI / "install")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    # a second venv on the same checkout leaves the checkout's compiled extension alone
+    # (an earlier .ci/install deleted it, and every later test ran without the C++ kernels)
+    assert sorted(p.name for p in (ROOT / "sslops").glob("_C*.so")) == built, out[-2000:]
     assert "is itself a virtual environment" in out, out
     assert "[install] torch==" not in out and "[install] triton==" not in out and "Downloading" not in out, out
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch, sslops, json; print(json.dumps([torch.__file__, sslops.__file__]))"],
