@@ -283,6 +283,25 @@ def dclw_pair_weights(z, g, sigma=DCLW_SIGMA, totals=None):
     return 2.0 - count * e / z_sum
 
 
+def _split_logsumexp(x):
+    r"""``(m, l)`` with logsumexp over dim 1 = m + l: m the row maximum (detached), l = log Σ exp(x − m).
+
+    The maximum's own term (exactly 1) is added after the others' sum: one rounding near 1
+    instead of one per candidate. Autograd then gives softmax weights exp(x − m)/Σ whose error
+    is a few ulp of 1, where ``torch.logsumexp``'s backward forms exp(x − lse) from the lse
+    rounded to the ulp of |x| (1e-6 at |s/τ| ≈ 14, τ = 0.07): NT-Xent's fp32 gradients for
+    close views were 2.5-3× farther from float64 than lightly's cross-entropy form and
+    pytorch-metric-learning's (the gradient of a dominant positive is p − 1). The shift carries
+    no gradient: the sum does not depend on it.
+    """
+    top = x.detach().argmax(dim=1, keepdim=True)
+    m = x.detach().gather(1, top)
+    m = m.masked_fill(m.isinf(), 0.0)  # a row of −inf only (no candidate): no shift
+    shifted = x - m
+    others = torch.exp(shifted.scatter(1, top, float("-inf"))).sum(dim=1)
+    return m.squeeze(1), torch.log(torch.exp(shifted.gather(1, top).squeeze(1)) + others)
+
+
 def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_end=None, *, negatives=None,
                   in_batch_negatives=True, decoupled=False, weight_rows=None, weight_totals=None):
     r"""Per-anchor InfoNCE terms for anchors ``row_start <= i < row_end`` of ``z`` (conventions §3, §3b).
@@ -326,14 +345,14 @@ def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_
     count = g.sum(dim=1)
     valid = anchor_mask(count, n, m, in_batch_negatives, decoupled)
     # rows left out of the mean get finite stand-ins: an all −inf logsumexp would put NaN in the gradient
-    lse = torch.logsumexp(torch.where(valid[:, None], candidates, 0.0), dim=1)
+    row_max, log_sum = _split_logsumexp(torch.where(valid[:, None], candidates, 0.0))
     if decoupled == "weighted":
         lo, hi = (0, n) if weight_rows is None else weight_rows
         in_loss = torch.zeros_like(g_all)
         in_loss[lo:hi] = g_all[lo:hi]
         logits = dclw_pair_weights(z, in_loss, totals=weight_totals)[row_start:row_end] * logits
     positive_mean = torch.where(g, logits, 0.0).sum(dim=1) / count.to(z.dtype).clamp(min=1)
-    loss = torch.where(valid, lse - positive_mean, 0.0)
+    loss = torch.where(valid, (row_max - positive_mean) + log_sum, 0.0)  # lse = row_max + log_sum
     return loss, count.to(torch.promote_types(z.dtype, torch.float32))
 
 

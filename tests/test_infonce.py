@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sslops
 from sslops import reference as R
 from sslops.ops import infonce as ops
-from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
+from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, assert_error_within, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
                          noncontiguous, randn)
 
 BACKENDS = kernel_backends("info_nce")
@@ -221,6 +222,65 @@ def test_pairs_to_csr_is_symmetric_and_sorted():
     live = [(r, c) for e, (r, c) in enumerate(zip(rows.tolist(), col.tolist()))
             if c != r and (e == crow[r] or col[e - 1] != c)]
     assert sorted(live) == [(0, 2), (1, 3), (2, 0), (3, 1)]
+
+
+# ----------------------------------------------------------------------------- fp32 gradients at small τ (issue 12.3)
+
+
+def _lightly_form(z_a, z_b, tau):
+    """NT-Xent as cross-entropy: each anchor's 2N − 1 logits (itself left out), target its other view."""
+    n = z_a.shape[0]
+    zn = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    logits = (zn @ zn.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z_a.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z_a.device)
+    return F.cross_entropy(logits, target)
+
+
+def _pml_form(z_a, z_b, tau):
+    """NT-Xent as −log(e^pos / (e^pos + Σ_neg e^neg)), shifted by each row's (detached) max:
+    the numerator added to the negatives' sum last."""
+    n = z_a.shape[0]
+    zn = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    x = zn @ zn.T / tau
+    idx = torch.arange(2 * n, device=z_a.device)
+    other = (idx + n) % (2 * n)
+    pos = x[idx, other]
+    neg = x.masked_fill((idx[:, None] == idx[None, :]) | (other[:, None] == idx[None, :]), float("-inf"))
+    top = torch.maximum(pos, neg.amax(dim=1)).detach()
+    num = torch.exp(pos - top)
+    den = torch.exp(neg - top[:, None]).sum(dim=1) + num
+    return -torch.log(num / den).mean()
+
+
+# The C++ kernel of the contrastive pass saves one rounded fp32 lse per row (diff column 0) and
+# its backward forms exp(t·s − lse) from it: 3-4× off lightly's form here. Meeting the rule needs
+# the split LSE (row max and log Σ exp(x − max), as reference._split_logsumexp) saved by the
+# forward of every backend: not done yet, kept visible by a strict xfail.
+_CPU_SPLIT_LSE = pytest.mark.xfail(strict=True, reason="contrastive_fwd saves a rounded fp32 lse: split LSE not yet in the kernels")
+
+
+@pytest.mark.skipif(INTERPRET, reason="the C++ and reference routes: default lane")
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=[
+    pytest.mark.skipif(not HAS_CPU, reason="sslops._C not built"), _CPU_SPLIT_LSE])])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+def test_nt_xent_fp32_gradient_at_small_tau_within_2x_of_peers(backend, seed, noise):
+    """τ = 0.07, N = 64, K = 128, views close enough that each positive dominates its softmax
+    (noise 0.3: p ≈ 1 - 1e-5; 1.0: p ≈ 0.6): the fp32 gradient's error against float64 within
+    2× of lightly's cross-entropy form and of pytorch-metric-learning's form (both written
+    here from their math). Through one rounded LSE the weight p lost ~14 ulp of 1: both
+    routes were 2.5-3× off lightly's and up to 8× off pytorch-metric-learning's."""
+    n, k, tau = 64, 128, 0.07
+    z_a = randn(n, k, seed=seed)
+    z_b = (z_a.double() + noise * randn(n, k, torch.float64, seed=seed + 10)).float()
+    (ga, gb) = loss_and_grads(lambda a, b: sslops.nt_xent_loss(a, b, temperature=tau, backend=backend), (z_a, z_b))[1]
+    _, (ea, eb) = loss_and_grads(lambda a, b: R.nt_xent_loss(a, b, temperature=tau), (z_a.double(), z_b.double()))
+    exact = torch.cat([ea, eb])
+    for peer in (_lightly_form, _pml_form):
+        _, (pa, pb) = loss_and_grads(lambda a, b: peer(a, b, tau), (z_a, z_b))
+        _, (xa, xb) = loss_and_grads(lambda a, b: peer(a, b, tau), (z_a.double(), z_b.double()))
+        torch.testing.assert_close(torch.cat([xa, xb]), exact, rtol=1e-9, atol=1e-12)  # the same loss
+        assert_error_within(torch.cat([ga, gb]), torch.cat([pa, pb]), exact, what=f"{backend} vs {peer.__name__}")
 
 
 # ----------------------------------------------------------------------------- op-level checks (C++ CPU)
