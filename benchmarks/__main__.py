@@ -7,8 +7,8 @@
 
     python -m benchmarks --headline --budget 200   # the GPU check's cases (benchmarks/headline.py)
 
-``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``mce``,
-``metrics``) or loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ``rankme``,
+``--only`` takes bench-file stems (``vicreg``, ``barlow_twins``, ``infonce``, ``clip``, ``siglip``,
+``mce``, ``metrics``) or loss names (``vicreg_relation``, ``info_nce``, ``matrix_ssl``, ``rankme``,
 ``alignment``, ...). Rows are appended to
 ``benchmarks/results/local.jsonl``, which git ignores (``--out`` for another file): the
 committed ``benchmarks/results/results.jsonl`` changes only when results are curated on
@@ -29,7 +29,7 @@ import torch
 from . import common
 
 
-STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "mce", "metrics"]
+STEM_ORDER = ["vicreg", "barlow_twins", "infonce", "clip", "siglip", "mce", "metrics"]
 # A run's rows go here unless --out says otherwise: untracked (.gitignore), so benchmarking
 # never modifies the curated, committed results.jsonl.
 LOCAL_RESULTS_FILE = os.path.join(common.RESULTS_DIR, "local.jsonl")

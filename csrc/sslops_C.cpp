@@ -33,13 +33,19 @@ TORCH_LIBRARY(sslops, m) {
   m.def("barlow_twins_forward_cxx(Tensor z_a, Tensor z_b, float lambd, float eps, int route, bool save) -> (Tensor loss, Tensor mean_a, Tensor rstd_a, Tensor mean_b, Tensor rstd_b, Tensor prod_a, Tensor prod_b)");
   m.def("barlow_twins_backward_cxx(Tensor grad, Tensor z_a, Tensor z_b, Tensor mean_a, Tensor rstd_a, Tensor mean_b, Tensor rstd_b, Tensor prod_a, Tensor prod_b, float lambd, int route) -> (Tensor, Tensor)");
 
-  // ---- blockwise InfoNCE (issue 4)
-  // Anchors are rows [row_start, row_end) of z (M, K), candidates all M rows; G by labels (M,)
-  // or a symmetric CSR (crow (M+1), col; col = -1 marks a skipped entry). Forward returns
-  // per-anchor loss, |P(i)| (as float) and the row LSE, in fp32 (fp64 for fp64); backward
-  // returns dL/dz for all M rows from grad_rows (the gradient of loss_rows).
-  m.def("info_nce_fwd_cxx(Tensor z, Tensor? labels, Tensor? crow, Tensor? col, float temperature, int row_start, int row_end) -> (Tensor loss_rows, Tensor pos_count, Tensor lse)");
-  m.def("info_nce_bwd_cxx(Tensor grad_rows, Tensor z, Tensor? labels, Tensor? crow, Tensor? col, Tensor pos_count, Tensor lse, float temperature, int row_start, int row_end) -> Tensor");
+  // ---- the blockwise contrastive pass: InfoNCE/SupCon, queues, DCL, CLIP, SigLIP (issues 4, 13)
+  // (csrc/cpu/infonce.cpp, csrc/cuda/infonce.cu; wrapped by sslops/ops/infonce.py, math there.)
+  // Square form (y = None): anchors rows [x_start, x_end) of x (N, K) against x's rows (labels
+  // (N,) or a symmetric CSR crow (N+1), col sorted per row, duplicates and self-pairs skipped)
+  // and the extra negatives (M, K). Two-set form: rows [x_start, x_end) of x against y, and with
+  // BIDIR (flags & 32) rows [y_start, y_end) of y against x; labels for both sets.
+  // flags: 1 sigmoid (SigLIP), 2 no in-batch negatives, 4 decoupled, 8 DCLW weights, 16 no
+  // normalisation, 32 both directions. scale, bias: 0-d tensors. Forward per anchor row, fp32
+  // (fp64 for fp64): diff = [lse, Σ_P s, Σ_P s·e^{s/σ}] (sigmoid: [Σ softplus(−y x), 0, 0]) and
+  // aux = [|P|, Σ p·s, Σ_P e^{s/σ}] (sigmoid: [|P|, Σ h·s, Σ h]). Backward: the gradients of
+  // the diff columns -> (dx, dy, dneg) in the inputs' dtype ((0, K) where not needed).
+  m.def("contrastive_fwd_cxx(Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma) -> (Tensor diff_x, Tensor aux_x, Tensor diff_y, Tensor aux_y)");
+  m.def("contrastive_bwd_cxx(Tensor grad_x, Tensor grad_y, Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor diff_x, Tensor diff_y, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma, bool need_x, bool need_y, bool need_negatives) -> (Tensor dx, Tensor dy, Tensor dnegatives)");
 
   // ---- matrix log / matrix cross-entropy / Matrix-SSL (issue 5)
   // (csrc/cpu/matrix_info.cpp, csrc/cuda/matrix_info.cu; math in csrc/cpu/matrix_info_impl.h)

@@ -14,11 +14,13 @@ from ._validation import set_debug
 from . import reference, ops  # noqa: F401  (ops registers the kernels)
 from .functional import (
     barlow_twins_loss,
+    clip_loss,
     info_nce_loss,
     matrix_cross_entropy,
     matrix_log,
     matrix_ssl_loss,
     nt_xent_loss,
+    siglip_loss,
     vicreg_loss,
     vicreg_relation_loss,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "barlow_twins_loss",
     "info_nce_loss",
     "nt_xent_loss",
+    "clip_loss",
+    "siglip_loss",
     "matrix_log",
     "matrix_cross_entropy",
     "matrix_ssl_loss",

@@ -215,7 +215,8 @@ def run(loss: str, backend: Optional[str], tensors, params: dict, reference_fn: 
     """``loss`` on ``tensors`` with the backend ``backend`` resolves to for them (see :func:`resolve`).
 
     A kernel backend gets the tensors as they are; ``"reference"`` runs ``reference_fn`` on
-    the floating-point tensors cast to fp32 (fp64 for fp64), its compute dtype. Shared by
+    the floating-point tensors, those among ``params`` too (a tensor temperature, logit scale
+    or bias, a queue of negatives), cast to fp32 (fp64 for fp64), its compute dtype. Shared by
     the single-process losses (:mod:`sslops.functional`) and the gathered-rows paths of
     :mod:`sslops.distributed`, which run the same kernels on the global batch.
     """
@@ -224,8 +225,10 @@ def run(loss: str, backend: Optional[str], tensors, params: dict, reference_fn: 
     if name != "reference":
         return kernel_impl(loss, name)(*tensors, **params)
     wide = torch.float64 if lead.dtype == torch.float64 else torch.float32
-    cast = [t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
-    return reference_fn(*cast, **params)
+    def widen(t):
+        return t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return reference_fn(*map(widen, tensors), **{key: widen(value) for key, value in params.items()})
 
 
 def kernel_backends(loss: str, device) -> list:

@@ -120,6 +120,72 @@ def check_positive(name, value):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_hyper(name, value, device, *, positive):
+    """A float (finite; > 0 when ``positive``) or a 0-d floating tensor on ``device``.
+
+    A tensor's value is not read on the hot path (a host sync): a non-positive tensor
+    temperature or scale gives a NaN loss instead (see ``functional``); under
+    ``set_debug(True)`` it is checked here and raises.
+    """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a 0-d floating tensor, got a tensor of dtype {value.dtype}")
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} must be on the same device as the embeddings ({device}), got {value.device} "
+                             "(move the tensor, or the module holding it, with .to(device))")
+        if _DEBUG:
+            v = float(value.detach())
+            if not math.isfinite(v) or (positive and v <= 0):
+                raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {v} "
+                                 "(found by sslops.set_debug(True))")
+        return
+    if positive:
+        check_positive(name, value)
+    else:
+        check_real(name, value)
+
+
+def check_negatives(negatives, name_z, z):
+    """``negatives``: None, or (M, K) rows of z's K, dtype and device (M may be 0)."""
+    if negatives is None:
+        return
+    if not isinstance(negatives, torch.Tensor):
+        raise TypeError(f"negatives must be a torch.Tensor (M, K) or None, got {type(negatives).__name__}")
+    if negatives.dim() != 2:
+        raise ValueError(f"negatives must have shape (M, K) (2-D), got a {negatives.dim()}-D tensor of shape {tuple(negatives.shape)}")
+    if negatives.dtype != z.dtype:
+        raise TypeError(f"negatives must have the dtype of {name_z} ({z.dtype}), got {negatives.dtype}")
+    if negatives.device != z.device:
+        raise ValueError(f"negatives must be on the device of {name_z} ({z.device}), got {negatives.device}")
+    if negatives.shape[1] != z.shape[1]:
+        raise ValueError(f"negatives must have the {z.shape[1]} features of {name_z} (K), got shape {tuple(negatives.shape)}")
+    check_finite("negatives", negatives)
+
+
+def check_candidates(in_batch_negatives, negatives, decoupled):
+    """``in_batch_negatives`` a bool, ``decoupled`` False/True/"weighted"; some negative must remain."""
+    if not isinstance(in_batch_negatives, bool):
+        raise TypeError(f"in_batch_negatives must be True or False, got {in_batch_negatives!r}")
+    if not (decoupled is False or decoupled is True or (isinstance(decoupled, str) and decoupled == "weighted")):
+        raise ValueError(f"decoupled must be False, True or 'weighted', got {decoupled!r}")
+    if not in_batch_negatives and (negatives is None or negatives.shape[0] == 0):
+        raise ValueError("in_batch_negatives=False needs negatives= (M >= 1 rows): without them an anchor's only "
+                         "candidates are its own positives")
+
+
+def check_pair_labels(labels, n, device):
+    """CLIP/SigLIP ``labels``: None or (N,) integers, one per pair (a_i, b_i)."""
+    if labels is not None:
+        check_labels(labels, n, device)
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

@@ -36,8 +36,8 @@ values per view in the backward). This assumes what DDP does anyway: every rank 
 ``backward`` on the loss with the same scale (a per-rank ``loss * c_r`` would need the
 all-reduce). The column means that centre the statistics (below) get no gradient at all:
 ∂L/∂μ = -Σ_global (rows of the centred gradient) = 0 exactly, so they are constants.
-Only terms whose value differs per rank keep a backward collective: InfoNCE's and
-NT-Xent's local anchors (a reduce-scatter of the row gradients: padded
+Only terms whose value differs per rank keep a backward collective: the local anchors of
+InfoNCE, NT-Xent, CLIP and SigLIP (a reduce-scatter of the row gradients: padded
 ``reduce_scatter_tensor`` on NCCL; gloo has none, so there an all-reduce and a slice).
 
 **Two forward paths for the covariance-type losses** (VICReg, VICReg over G, Barlow Twins):
@@ -165,7 +165,10 @@ __all__ = [
     "barlow_twins_loss",
     "info_nce_loss",
     "nt_xent_loss",
+    "clip_loss",
+    "siglip_loss",
     "matrix_ssl_loss",
+    "all_gather_rows",
 ]
 
 
@@ -269,7 +272,7 @@ def choose_path(loss, sizes, k, dtype, *, labels=False, pairs_per_rank=None):
 # ----------------------------------------------------------------------------- layout exchange
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LOSSES = ("vicreg", "vicreg_relation", "barlow_twins", "info_nce", "nt_xent", "matrix_ssl")
+_LOSSES = ("vicreg", "vicreg_relation", "barlow_twins", "info_nce", "nt_xent", "matrix_ssl", "clip", "siglip")
 _NO_RELATION, _LABELS, _PAIRS = 0, 1, 2
 
 
@@ -385,11 +388,12 @@ def _exchange_layout(loss, z, relation=False, labels=None, pairs=None, path="aut
                          f"else SSLOPS_GATHER); got {per_rank}")
     sizes = [row[1] for row in table]
     n = sum(sizes)
+    kinds = [row[4] for row in table]
+    if len(set(kinds)) > 1:  # checked on every rank (a loss whose labels are optional sends kind 0 without them)
+        kind_names = {_NO_RELATION: "none", _LABELS: "labels", _PAIRS: "pairs"}
+        names = ", ".join(f"rank {q}: {kind_names[c]}" for q, c in enumerate(kinds))
+        raise ValueError(f"{loss}(gather=True): every rank must pass the same kind of relation ({names})")
     if relation:
-        kinds = [row[4] for row in table]
-        if len(set(kinds)) > 1:
-            names = ", ".join(f"rank {q}: {'labels' if c == _LABELS else 'pairs'}" for q, c in enumerate(kinds))
-            raise ValueError(f"{loss}(gather=True): every rank must pass the same kind of relation ({names})")
         for q, row in enumerate(table):
             if row[4] == _PAIRS and row[5] > 0 and (row[7] < 0 or row[8] >= n):
                 found = row[7] if row[7] < 0 else row[8]
@@ -560,6 +564,25 @@ def _gather_pairs(pairs, layout):
     return torch.cat([g[:, :c] for g, c in zip(gathered, counts)], dim=1)
 
 
+def all_gather_rows(x):
+    """The (ΣB_r, K) concatenation of every rank's rows in rank order, without autograd (B_r may differ).
+
+    One all-gather of the row counts (a host sync), one of the rows padded to max B_r (as
+    bytes, so any dtype travels on gloo). Used by :class:`sslops.nn.NegativeQueue`.
+    """
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = torch.cat(sizes).tolist()
+    rows = x.detach().contiguous().view(torch.uint8)
+    buf = rows.new_zeros((max(sizes), rows.shape[1]))
+    buf[:x.shape[0]] = rows
+    gathered = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(gathered, buf)
+    return torch.cat([g[:b] for g, b in zip(gathered, sizes)]).view(x.dtype)
+
+
 def global_batch_loss(loss, fn, *tensors):
     """``fn(*global tensors)`` on every rank, with the gradient contract, no backward collective.
 
@@ -599,34 +622,6 @@ def _centred(tensors, layout):
     sums = _all_reduce_constant(torch.cat([t.detach().sum(dim=0) for t in tensors]))
     means = (sums / layout.n).split(layout.k)
     return [t - m for t, m in zip(tensors, means)]
-
-
-def _anchors_with_positive(labels_all, pairs_all, n):
-    """#{i : |P(i)| >= 1} over the global batch, computed without a host sync."""
-    if labels_all is not None:
-        ordered = labels_all.sort().values
-        same = torch.searchsorted(ordered, labels_all, right=True) - torch.searchsorted(ordered, labels_all)
-        return (same >= 2).sum()
-    real = (pairs_all[0] != pairs_all[1]).to(torch.int64)
-    degree = torch.zeros(n, dtype=torch.int64, device=pairs_all.device)
-    degree.index_add_(0, pairs_all[0], real)
-    degree.index_add_(0, pairs_all[1], real)
-    return (degree > 0).sum()
-
-
-def _info_nce_rows(z_all, labels_all, pairs_all, temperature, start, stop, backend):
-    """Per-anchor InfoNCE terms for the window: the blockwise kernel if present, else the reference."""
-    name = _backend.resolve("info_nce", backend, z_all.device, (tuple(z_all.shape),))
-    if name != "reference":
-        try:
-            from .ops import infonce as kernel_module
-        except ImportError:
-            kernel_module = None
-        rows_fn = getattr(kernel_module, "info_nce_rows", None)
-        if rows_fn is not None:
-            return rows_fn(z_all, labels_all, pairs_all, temperature, start, stop, name)
-    return reference.info_nce_rows(z_all, labels=labels_all, pairs=pairs_all, temperature=temperature,
-                                   row_start=start, row_end=stop)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -716,47 +711,158 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, gather=True, backend="au
         return _times_world(loss, layout)
 
 
-def _info_nce_window(z_all, labels_all, pairs_all, layout, start, stop, anchors, temperature, backend):
+def _positive_counts(labels_all, pairs_all, n):
+    """|P(i)| of every global row (int64), computed without a host sync."""
+    if labels_all is not None:
+        ordered = labels_all.sort().values
+        return torch.searchsorted(ordered, labels_all, right=True) - torch.searchsorted(ordered, labels_all) - 1
+    rows = torch.cat([pairs_all[0], pairs_all[1]])
+    cols = torch.cat([pairs_all[1], pairs_all[0]])
+    key = (rows * n + cols).sort().values
+    keep = (key // n) != (key % n)
+    keep[1:] &= key[1:] != key[:-1]
+    return torch.zeros(n, dtype=torch.int64, device=key.device).index_add_(0, key // n, keep.to(torch.int64))
+
+
+def _kernel_module(loss, backend, device, shape):
+    """sslops.ops.infonce when ``backend`` resolves to a kernel for ``loss``, else None (the reference)."""
+    name = _backend.resolve(loss, backend, device, (shape,))
+    if name == "reference":
+        return None, name
+    from .ops import infonce as kernel_module
+
+    return kernel_module, name
+
+
+def _weight_totals(pe_sum, count_sum):
+    """DCLW's normaliser over the global batch: Σ e^{s/σ} and |E| summed over ranks (detached)."""
+    totals = torch.stack([pe_sum, count_sum]).detach().clone()
+    dist.all_reduce(totals)
+    return totals[0], totals[1]
+
+
+def _info_nce_window(z_all, labels_all, pairs_all, layout, start, stop, anchors, temperature, backend, options,
+                     weight_rows=None):
+    """W·Σ_{window} ℓ_i / #anchors: the per-rank InfoNCE loss of conventions §5."""
+    kernels, name = _kernel_module("info_nce", backend, z_all.device, tuple(z_all.shape))
+    if kernels is not None:
+        loss_rows, _ = kernels.info_nce_rows(z_all, labels_all, pairs_all, temperature, start, stop, name,
+                                             weight_totals=_weight_totals, **options)
+    else:  # weight_rows: the local anchors only (MoCo form), whose DCLW sums need the all-reduce too
+        loss_rows, _ = reference.info_nce_rows(z_all, labels=labels_all, pairs=pairs_all, temperature=temperature,
+                                               row_start=start, row_end=stop, weight_rows=weight_rows,
+                                               weight_totals=None if weight_rows is None else _weight_totals, **options)
     wide = z_all.dtype
-    loss_rows, _ = _info_nce_rows(z_all, labels_all, pairs_all, temperature, start, stop, backend)
     return loss_rows.to(wide).sum() * layout.world / anchors.to(wide).clamp(min=1)
 
 
-def info_nce_loss(z, *, labels=None, pairs=None, backend="auto", temperature=0.1):
+def _options(negatives, in_batch_negatives, decoupled, wide):
+    return dict(negatives=None if negatives is None else negatives.to(wide), in_batch_negatives=in_batch_negatives,
+                decoupled=decoupled)
+
+
+def info_nce_loss(z, *, labels=None, pairs=None, backend="auto", temperature=0.1, negatives=None, in_batch_negatives=True,
+                  decoupled=False):
     """InfoNCE: local anchors against the gathered global batch; per-rank loss W·Σℓ_local/#anchors.
 
-    Collectives: layout AG; AG of the rows (labels in the same buffer) [+ AG of the pairs];
-    backward: the row-gradient reduce. Work per rank: B_r·N·K (the kernel's row window).
+    ``negatives`` are not gathered (every rank holds the same queue); DCLW's normaliser is
+    all-reduced (two numbers, forward only). Collectives: layout AG; AG of the rows (labels
+    in the same buffer) [+ AG of the pairs] [+ AR of 2 numbers for DCLW]; backward: the
+    row-gradient reduce. Work per rank: B_r·(N + M)·K (the kernel's row window).
     """
     _backend.resolve("info_nce", backend, z.device)  # an unavailable backend raises before any collective
     layout = _exchange_layout("info_nce", z, relation=True, labels=labels, pairs=pairs)
     wide = _wide(z.dtype)
+    options = _options(negatives, in_batch_negatives, decoupled, wide)
     with _no_autocast(z.device):
         z_all, labels_all = _gather_rows(layout, z, same=False, wide=wide, extra=labels)
         pairs_all = _gather_pairs(pairs, layout) if pairs is not None else None
-        anchors = _anchors_with_positive(labels_all, pairs_all, layout.n)
+        count = _positive_counts(labels_all, pairs_all, layout.n)
+        n_neg = 0 if negatives is None else negatives.shape[0]
+        anchors = reference.anchor_mask(count, layout.n, n_neg, in_batch_negatives, decoupled).sum()
         return _info_nce_window(z_all, labels_all, pairs_all, layout, layout.offset, layout.offset + layout.rows,
-                                anchors, temperature, backend)
+                                anchors, temperature, backend, options)
 
 
-def nt_xent_loss(z_a, z_b, *, temperature=0.5, backend="auto"):
+def nt_xent_loss(z_a, z_b, *, temperature=0.5, backend="auto", negatives=None, in_batch_negatives=True, decoupled=False):
     """NT-Xent over the global batch's 2N anchors; this rank's 2B_r rows are its anchors.
 
     The gathered matrix holds [z_a⁰; z_b⁰; z_a¹; z_b¹; …] (rank-major); the loss is
     invariant to that row order, and each rank builds the sample-id labels from the layout.
     Collectives: layout AG; AG of the 2B_r rows; backward: the row-gradient reduce.
+    With ``in_batch_negatives=False`` (MoCo) an anchor's candidates are its own positive and
+    the negatives, all on this rank: no rows travel (only DCLW's two-number all-reduce), the
+    anchors are this rank's rows of z_a and the per-rank loss is W·Σℓ_local/N.
     """
-    _backend.resolve("info_nce", backend, z_a.device)
+    _backend.resolve("nt_xent", backend, z_a.device)
     layout = _exchange_layout("nt_xent", z_a)
     wide = _wide(z_a.dtype)
-    both = _Layout(layout.rank, layout.world, [2 * b for b in layout.sizes], layout.k, None)
+    options = _options(negatives, in_batch_negatives, decoupled, wide)
+    n_neg = 0 if negatives is None else negatives.shape[0]
     with _no_autocast(z_a.device):
+        if not in_batch_negatives:
+            b = layout.rows
+            local = _Layout(layout.rank, layout.world, layout.sizes, layout.k, None)
+            ids = torch.arange(b, device=z_a.device)
+            z = torch.cat([z_a, z_b]).to(wide)
+            anchors = torch.full((), layout.n, dtype=torch.int64, device=z_a.device)
+            return _info_nce_window(z, torch.cat([ids, ids]), None, local, 0, b, anchors, temperature, backend, options,
+                                    weight_rows=(0, b))
+        both = _Layout(layout.rank, layout.world, [2 * b for b in layout.sizes], layout.k, None)
         z_all, _ = _gather_rows(both, torch.cat([z_a, z_b]), same=False, wide=wide)
         ids = [torch.arange(o, o + b, device=z_a.device) for o, b in zip(layout.offsets, layout.sizes)]
         labels_all = torch.cat([torch.cat([i, i]) for i in ids])
-        anchors = torch.full((), 2 * layout.n, dtype=torch.int64, device=z_a.device)
+        count = torch.ones(2 * layout.n, dtype=torch.int64, device=z_a.device)
+        anchors = reference.anchor_mask(count, 2 * layout.n, n_neg, True, decoupled).sum()
         return _info_nce_window(z_all, labels_all, None, both, both.offset, both.offset + both.rows,
-                                anchors, temperature, backend)
+                                anchors, temperature, backend, options)
+
+
+def clip_loss(z_a, z_b, *, logit_scale, labels=None, normalize=True, backend="auto"):
+    """CLIP: this rank's rows of each set against all ranks' rows of the other; per-rank W·½(Σℓᵃ + Σℓᵇ)_local/N.
+
+    Collectives: layout AG; AG of [z_a | z_b] (labels in the same buffer); backward: the
+    (N, 2K) row-gradient reduce. Work per rank: 2·B_r·N·K (two directions).
+    """
+    _backend.resolve("clip", backend, z_a.device)
+    layout = _exchange_layout("clip", z_a, relation=labels is not None, labels=labels)
+    wide, k = _wide(z_a.dtype), layout.k
+    start, stop = layout.offset, layout.offset + layout.rows
+    with _no_autocast(z_a.device):
+        both, labels_all = _gather_rows(layout, torch.cat([z_a, z_b], dim=1), same=False, wide=wide, extra=labels)
+        a_all, b_all = both[:, :k], both[:, k:]
+        kernels, name = _kernel_module("clip", backend, z_a.device, tuple(a_all.shape))
+        if kernels is not None:
+            loss_a, loss_b = kernels.clip_rows(a_all, b_all, logit_scale, labels_all, normalize, start, stop, name)
+        else:
+            loss_a, loss_b = reference.clip_rows(a_all, b_all, logit_scale, labels=labels_all, normalize=normalize,
+                                                 row_start=start, row_end=stop)
+        return 0.5 * (loss_a.sum() + loss_b.sum()) * layout.world / layout.n
+
+
+def siglip_loss(z_a, z_b, *, logit_scale, logit_bias, labels=None, normalize=True, backend="auto"):
+    """SigLIP: this rank's rows of a against all ranks' rows of b; per-rank W·Σ_local r_i / N.
+
+    Only b travels (a's gradient stays local, as in open_clip's chunked exchange).
+    Collectives: layout AG; AG of z_b (labels in the same buffer); backward: the (N, K)
+    row-gradient reduce. Work per rank: B_r·N·K.
+    """
+    _backend.resolve("siglip", backend, z_a.device)
+    layout = _exchange_layout("siglip", z_a, relation=labels is not None, labels=labels)
+    wide = _wide(z_a.dtype)
+    start = layout.offset
+    with _no_autocast(z_a.device):
+        b_all, labels_all = _gather_rows(layout, z_b, same=False, wide=wide, extra=labels)
+        a = z_a.to(wide)
+        kernels, name = _kernel_module("siglip", backend, z_a.device, tuple(b_all.shape))
+        if kernels is not None:
+            ids_all = labels_all if labels is not None else torch.arange(layout.n, device=z_a.device)
+            rows = kernels.siglip_rows(a, b_all, logit_scale, logit_bias, ids_all[start:start + layout.rows], ids_all,
+                                       normalize, name)
+        else:
+            rows = reference.siglip_rows(a, b_all, logit_scale, logit_bias, labels=labels_all, normalize=normalize,
+                                         row_offset=start)
+        return rows.sum() * layout.world / layout.n
 
 
 def matrix_ssl_loss(p, z, single, *, backend="auto"):

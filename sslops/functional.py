@@ -33,6 +33,8 @@ __all__ = [
     "barlow_twins_loss",
     "info_nce_loss",
     "nt_xent_loss",
+    "clip_loss",
+    "siglip_loss",
     "matrix_log",
     "matrix_cross_entropy",
     "matrix_ssl_loss",
@@ -50,7 +52,8 @@ def _kernel(loss, name):
 
 
 _PUBLIC_NAMES = {"vicreg": "vicreg_loss", "vicreg_relation": "vicreg_relation_loss", "barlow_twins": "barlow_twins_loss",
-                 "info_nce": "info_nce_loss", "matrix_ssl": "matrix_ssl_loss"}
+                 "info_nce": "info_nce_loss", "nt_xent": "nt_xent_loss", "clip": "clip_loss", "siglip": "siglip_loss",
+                 "matrix_ssl": "matrix_ssl_loss"}
 
 
 def _run(loss, backend, tensors, params, reference_fn):
@@ -224,59 +227,119 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
     return _run("barlow_twins", backend, (z_a, z_b), params, reference.barlow_twins_loss)
 
 
-# ----------------------------------------------------------------------------- InfoNCE
+# ----------------------------------------------------------------------------- InfoNCE and the contrastive family
+
+
+def _positive_or_nan(loss, *values):
+    """NaN where a tensor hyperparameter is not > 0 (conventions §3b: no host sync on the hot path)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            loss = torch.where(value > 0, loss, torch.full_like(loss, math.nan))
+    return loss
+
+
+def _check_contrastive_options(name_z, z, temperature, negatives, in_batch_negatives, decoupled):
+    V.check_hyper("temperature", temperature, z.device, positive=True)
+    V.check_negatives(negatives, name_z, z)
+    V.check_candidates(in_batch_negatives, negatives, decoupled)
+
+
+def _contrastive_params(temperature, negatives, in_batch_negatives, decoupled):
+    if negatives is not None and negatives.shape[0] == 0:
+        negatives = None
+    return dict(temperature=temperature if isinstance(temperature, torch.Tensor) else float(temperature),
+                negatives=negatives, in_batch_negatives=in_batch_negatives, decoupled=decoupled)
 
 
 @_autocast.fp32_loss
-def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, gather=False, backend="auto"):
-    r"""InfoNCE over a sparse relation G: SimCLR (any number of views) and SupCon.
+def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None, in_batch_negatives=True,
+                  decoupled=False, gather=False, backend="auto"):
+    r"""InfoNCE over a sparse relation G: SimCLR (any number of views), SupCon, MoCo-style queues, DCL.
 
     With cosine similarities :math:`s_{ij}` and positives :math:`P(i) = \{j : G_{ij}=1\}`:
 
     .. math::
 
         \ell_i = -\frac{1}{|P(i)|}\sum_{p\in P(i)}\Big[\frac{s_{ip}}{\tau}
-                 - \log\sum_{a\ne i} e^{s_{ia}/\tau}\Big],\qquad
+                 - \log\sum_{a\in D(i)} e^{s_{ia}/\tau}\Big],\qquad
         \mathcal L = \mathrm{mean}\{\ell_i : |P(i)| \ge 1\}
 
-    Every row is a negative for every other row; an anchor without positives adds
+    with the candidates :math:`D(i)` = every other row and the ``negatives`` (conventions §3,
+    §3b). Every row is a negative for every other row; an anchor without positives adds
     nothing to the mean but still serves as a negative; a batch where no anchor has a
     positive gives 0 (and zero gradients). This is SupCon's :math:`L_{out}` (Khosla et al.
     2020). ``labels`` holding sample ids gives multi-view SimCLR; class ids give SupCon.
     solo-learn's SimCLR puts all positives in one numerator and pytorch-metric-learning
     drops the other positives from the denominator: those are different losses.
 
+    Options (conventions §3b):
+
+    * ``negatives`` (M, K): extra candidates of every anchor, never anchors or positives (a
+      MoCo queue, a memory bank: see :class:`sslops.nn.NegativeQueue`); gradients reach them
+      if they require grad. With ``in_batch_negatives=False`` an anchor's in-batch candidates
+      are its positives only (D(i) = P(i) ∪ negatives).
+    * ``decoupled=True``: DCL (Yeh et al., ECCV 2022, Eq. 6): D(i) leaves out the positives;
+      an anchor left with no candidate drops out of the mean. ``"weighted"``: DCLW, each
+      positive term weighted by :math:`w_{ip} = 2 - |E|\,\mathrm{softmax}_E(s_{ip}/\sigma)`
+      (σ = 0.5, E the ordered positive pairs, weights detached; lightly's ``DCLWLoss``).
+    * ``temperature`` may be a 0-d tensor that requires grad (a learnable temperature); a
+      non-positive tensor gives a NaN loss (``sslops.set_debug(True)`` raises instead).
+
     Args:
         z: (N, K) embeddings (not necessarily normalised).
         labels: (N,) integers, G_ij = [labels_i = labels_j] for i ≠ j; or
         pairs: (2, P) int64 row/column indices (symmetric; duplicates count once; self-pairs dropped).
-        temperature: τ > 0 (0.1).
+        temperature: τ > 0 (0.1), a float or a 0-d tensor.
+        negatives: (M, K) extra negatives of z's dtype and device, or None.
+        in_batch_negatives: whether the batch's other rows are candidates (True).
+        decoupled: False, True (DCL) or "weighted" (DCLW).
         gather: local anchors against the global batch (conventions §5); ``pairs`` then hold
-            global row indices.
+            global row indices; ``negatives`` are not gathered (every rank holds the same queue).
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim, fp32 (fp64 for fp64 inputs).
+    Raises:
+        TypeError/ValueError naming the argument (shapes, dtypes, devices, labels of the wrong
+        length, pairs out of range, τ ≤ 0, negatives of another K/dtype/device,
+        ``in_batch_negatives=False`` without negatives).
     """
     gathering = _gathering(gather, "info_nce")
     with _checked("info_nce", gathering):
         V.check_embedding("z", z)
-        V.check_positive("temperature", temperature)
-    params = dict(temperature=float(temperature))
+        _check_contrastive_options("z", z, temperature, negatives, in_batch_negatives, decoupled)
+    params = _contrastive_params(temperature, negatives, in_batch_negatives, decoupled)
     if gathering:
-        return distributed.info_nce_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
-    V.check_relation(z.shape[0], z.device, labels, pairs)
-    return _relation_run("info_nce", backend, z, labels, pairs, params, reference.info_nce_loss)
+        out = distributed.info_nce_loss(z, labels=labels, pairs=pairs, backend=backend, **params)
+    else:
+        V.check_relation(z.shape[0], z.device, labels, pairs)
+        out = _relation_run("info_nce", backend, z, labels, pairs, params, reference.info_nce_loss)
+    return _positive_or_nan(out, temperature)
 
 
 @_autocast.fp32_loss
-def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
+def nt_xent_loss(z_a, z_b, *, temperature=0.5, negatives=None, in_batch_negatives=True, decoupled=False,
+                 gather=False, backend="auto"):
     r"""SimCLR's NT-Xent over 2N anchors: row i of ``z_a`` and row i of ``z_b`` are positives.
 
     Equal to :func:`info_nce_loss` on ``cat([z_a, z_b])`` with ``labels = [0..N-1, 0..N-1]``,
     and to lightly's ``NTXentLoss`` (default τ = 0.5).
 
+    With ``negatives`` (a MoCo queue or memory bank) and ``in_batch_negatives=False`` the
+    anchors are the rows of ``z_a`` only, and anchor i's candidates are ``z_b[i]`` (its
+    positive) and the negatives: MoCo's InfoNCE (q = z_a, k = z_b) and lightly's
+    ``NTXentLoss(memory_bank_size=M)``, same value and gradients (conventions §3b).
+    ``decoupled=True`` is DCL as the paper's Eq. 6 and its authors' code compute it (one
+    logsumexp over both views' negatives; lightly's ``DCLLoss`` sums two separate ones, a
+    different number), ``"weighted"`` DCLW with lightly's weights (2 − N·softmax(s_ii'/0.5),
+    detached).
+
     Args:
         z_a, z_b: (N, K) embeddings of the two views.
-        temperature: τ > 0 (0.5).
-        gather: global-batch negatives (conventions §5).
+        temperature: τ > 0 (0.5), a float or a 0-d tensor (learnable).
+        negatives: (M, K) extra negatives, or None.
+        in_batch_negatives: whether in-batch rows are candidates (True).
+        decoupled: False, True (DCL) or "weighted" (DCLW).
+        gather: global-batch negatives (conventions §5); ``negatives`` are not gathered.
         backend: see :mod:`sslops`.
     """
     gathering = _gathering(gather, "nt_xent")
@@ -284,12 +347,107 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, gather=False, backend="auto"):
         V.check_embedding("z_a", z_a)
         V.check_embedding("z_b", z_b)
         V.check_same_layout("z_a", z_a, "z_b", z_b)
-        V.check_positive("temperature", temperature)
+        _check_contrastive_options("z_a", z_a, temperature, negatives, in_batch_negatives, decoupled)
+    params = _contrastive_params(temperature, negatives, in_batch_negatives, decoupled)
     if gathering:
-        return distributed.nt_xent_loss(z_a, z_b, temperature=float(temperature), backend=backend)
-    n = z_a.shape[0]
-    labels = torch.arange(n, device=z_a.device).repeat(2)
-    return _run("info_nce", backend, (torch.cat([z_a, z_b]), labels, None), dict(temperature=float(temperature)), reference.info_nce_loss)
+        out = distributed.nt_xent_loss(z_a, z_b, backend=backend, **params)
+    else:
+        out = _run("nt_xent", backend, (z_a, z_b), params, reference.nt_xent_loss)
+    return _positive_or_nan(out, temperature)
+
+
+def _check_two_sets(loss, z_a, z_b, labels, normalize, gathering):
+    V.check_embedding("z_a", z_a)
+    V.check_embedding("z_b", z_b)
+    V.check_same_layout("z_a", z_a, "z_b", z_b)
+    V.check_bool("normalize", normalize)
+    if labels is not None:
+        V.check_labels(labels, z_a.shape[0], z_a.device)
+
+
+@_autocast.fp32_loss
+def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=False, backend="auto"):
+    r"""CLIP's symmetric cross-entropy over two sets (Radford et al. 2021; open_clip ``ClipLoss``).
+
+    With :math:`T_{ij} = t\cos(a_i, b_j)`, t = ``logit_scale`` (already exponentiated, as
+    open_clip passes it) and positives :math:`P(i)` (b_i, or every b_j with the label of a_i):
+
+    .. math::
+
+        \mathcal L = \tfrac12\Big[\mathrm{mean}_i\big(\log\textstyle\sum_j e^{T_{ij}}
+            - \tfrac{1}{|P(i)|}\sum_{j\in P(i)} T_{ij}\big)
+            + \mathrm{mean}_j\big(\log\textstyle\sum_i e^{T_{ij}}
+            - \tfrac{1}{|P(j)|}\sum_{i\in P(j)} T_{ij}\big)\Big]
+
+    Without labels this is open_clip's ``ClipLoss`` (same value and gradients for normalised
+    features); with labels each direction is §3's L_out (conventions §3b). The kernels never
+    store T: per row and per column a running max and sum over tiles (two passes), per-row
+    statistics saved, tiles recomputed in the backward, the gradient of a tensor
+    ``logit_scale`` from those statistics.
+
+    Args:
+        z_a, z_b: (N, K) embeddings of the two sets (images, texts), same dtype and device.
+        logit_scale: t > 0, a float or a 0-d tensor (learnable: :class:`sslops.nn.CLIPLoss`
+            holds log t); a non-positive tensor gives a NaN loss.
+        labels: (N,) integers, one per pair (a_i, b_i), or None (the positive of a_i is b_i).
+        normalize: normalise rows inside (True); False uses the inputs as given.
+        gather: each rank's rows against all ranks' rows of the other set (conventions §5).
+        backend: see :mod:`sslops`.
+    Returns:
+        0-dim, fp32 (fp64 for fp64 inputs); gradients in the inputs' dtype.
+    """
+    gathering = _gathering(gather, "clip")
+    with _checked("clip", gathering):
+        _check_two_sets("clip", z_a, z_b, labels, normalize, gathering)
+        V.check_hyper("logit_scale", logit_scale, z_a.device, positive=True)
+    scale = logit_scale if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
+    params = dict(logit_scale=scale, labels=labels, normalize=normalize)
+    if gathering:
+        out = distributed.clip_loss(z_a, z_b, backend=backend, **params)
+    else:
+        out = _run("clip", backend, (z_a, z_b), params, reference.clip_loss)
+    return _positive_or_nan(out, logit_scale)
+
+
+@_autocast.fp32_loss
+def siglip_loss(z_a, z_b, logit_scale, logit_bias, *, labels=None, normalize=True, gather=False, backend="auto"):
+    r"""SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023; open_clip ``SigLipLoss``).
+
+    .. math::
+
+        \mathcal L = -\frac1N \sum_i\sum_j \log\sigma\big(y_{ij}\,(t\cos(a_i, b_j) + b)\big),
+        \qquad y_{ij} = \begin{cases} +1 & j \in P(i) \\ -1 & \text{otherwise}\end{cases}
+
+    t = ``logit_scale`` (exponentiated; SigLIP initialises log t = log 10), b =
+    ``logit_bias`` (initialised −10), P(i) = {i} or the b_j sharing a_i's label. Same value
+    and gradients as open_clip's ``SigLipLoss`` on normalised features (conventions §3b).
+    The kernels sum softplus(−y·x) over tiles, never an N×N matrix, stably in every dtype
+    (no inf/NaN for any logit), with the gradients of t and b reduced in the same pass.
+
+    Args:
+        z_a, z_b: (N, K) embeddings of the two sets.
+        logit_scale: t > 0, a float or a 0-d tensor; a non-positive tensor gives a NaN loss.
+        logit_bias: b, a float or a 0-d tensor.
+        labels: (N,) integers, one per pair, or None.
+        normalize: normalise rows inside (True); False uses the inputs as given.
+        gather: local rows of a against all rows of b (conventions §5).
+        backend: see :mod:`sslops`.
+    Returns:
+        0-dim, fp32 (fp64 for fp64 inputs).
+    """
+    gathering = _gathering(gather, "siglip")
+    with _checked("siglip", gathering):
+        _check_two_sets("siglip", z_a, z_b, labels, normalize, gathering)
+        V.check_hyper("logit_scale", logit_scale, z_a.device, positive=True)
+        V.check_hyper("logit_bias", logit_bias, z_a.device, positive=False)
+    scale = logit_scale if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
+    bias = logit_bias if isinstance(logit_bias, torch.Tensor) else float(logit_bias)
+    params = dict(logit_scale=scale, logit_bias=bias, labels=labels, normalize=normalize)
+    if gathering:
+        out = distributed.siglip_loss(z_a, z_b, backend=backend, **params)
+    else:
+        out = _run("siglip", backend, (z_a, z_b), params, reference.siglip_loss)
+    return _positive_or_nan(out, logit_scale)
 
 
 # ----------------------------------------------------------------------------- matrix information

@@ -4,11 +4,15 @@ Each module's ``forward`` calls the function of the same name in
 :mod:`sslops.functional`; see there for the math and the conventions.
 """
 
+import math
+
 import torch
 
+from . import distributed
 from . import functional as F
 
-__all__ = ["VICRegLoss", "VICRegRelationLoss", "BarlowTwinsLoss", "InfoNCELoss", "NTXentLoss", "MatrixSSLLoss"]
+__all__ = ["VICRegLoss", "VICRegRelationLoss", "BarlowTwinsLoss", "InfoNCELoss", "NTXentLoss", "CLIPLoss", "SigLIPLoss",
+           "NegativeQueue", "MatrixSSLLoss"]
 
 
 class _Loss(torch.nn.Module):
@@ -63,29 +67,165 @@ class BarlowTwinsLoss(_Loss):
 
 
 class InfoNCELoss(_Loss):
-    """InfoNCE over a sparse G: ``loss = InfoNCELoss(0.1)(z, labels=ids)``. See :func:`sslops.info_nce_loss`."""
+    """InfoNCE over a sparse G: ``loss = InfoNCELoss(0.1)(z, labels=ids)``. See :func:`sslops.info_nce_loss`.
 
-    _fields = ("temperature", "gather", "backend")
+    ``forward(z, labels=None, pairs=None, negatives=None)``; ``temperature`` may be a 0-d
+    tensor or ``nn.Parameter`` (learnable).
+    """
 
-    def __init__(self, temperature=0.1, gather=False, backend="auto"):
+    _fields = ("temperature", "in_batch_negatives", "decoupled", "gather", "backend")
+
+    def __init__(self, temperature=0.1, gather=False, backend="auto", *, in_batch_negatives=True, decoupled=False):
         super().__init__()
         self.temperature, self.gather, self.backend = temperature, gather, backend
+        self.in_batch_negatives, self.decoupled = in_batch_negatives, decoupled
 
-    def forward(self, z, labels=None, pairs=None):
-        return F.info_nce_loss(z, labels=labels, pairs=pairs, **self._kwargs())
+    def forward(self, z, labels=None, pairs=None, negatives=None):
+        return F.info_nce_loss(z, labels=labels, pairs=pairs, negatives=negatives, **self._kwargs())
 
 
 class NTXentLoss(_Loss):
-    """SimCLR's NT-Xent: ``loss = NTXentLoss(0.5)(z_a, z_b)``. See :func:`sslops.nt_xent_loss`."""
+    """SimCLR's NT-Xent: ``loss = NTXentLoss(0.5)(z_a, z_b)``. See :func:`sslops.nt_xent_loss`.
 
-    _fields = ("temperature", "gather", "backend")
+    ``forward(z_a, z_b, negatives=None)``: with a :class:`NegativeQueue` and
+    ``in_batch_negatives=False`` it is MoCo's loss / lightly's memory-bank NT-Xent.
+    """
 
-    def __init__(self, temperature=0.5, gather=False, backend="auto"):
+    _fields = ("temperature", "in_batch_negatives", "decoupled", "gather", "backend")
+
+    def __init__(self, temperature=0.5, gather=False, backend="auto", *, in_batch_negatives=True, decoupled=False):
         super().__init__()
         self.temperature, self.gather, self.backend = temperature, gather, backend
+        self.in_batch_negatives, self.decoupled = in_batch_negatives, decoupled
 
-    def forward(self, z_a, z_b):
-        return F.nt_xent_loss(z_a, z_b, **self._kwargs())
+    def forward(self, z_a, z_b, negatives=None):
+        return F.nt_xent_loss(z_a, z_b, negatives=negatives, **self._kwargs())
+
+
+class CLIPLoss(_Loss):
+    """CLIP with a learnable scale: ``loss = CLIPLoss()(image_emb, text_emb)``. See :func:`sslops.clip_loss`.
+
+    Holds ``log_logit_scale`` = log t (a parameter when ``learnable``, else a buffer),
+    initialised at log(``init_logit_scale``) = log(1/0.07); the scale used is
+    ``min(exp(log_logit_scale), max_logit_scale)`` (open_clip clamps at 100), so the gradient
+    of log t is zero while the clamp is active. ``forward(z_a, z_b, labels=None)``.
+    """
+
+    _fields = ("max_logit_scale", "normalize", "gather", "backend")
+
+    def __init__(self, init_logit_scale=1 / 0.07, learnable=True, max_logit_scale=100.0, normalize=True, gather=False,
+                 backend="auto"):
+        super().__init__()
+        if not init_logit_scale > 0 or not max_logit_scale > 0:
+            raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got {init_logit_scale}, {max_logit_scale}")
+        log_scale = torch.tensor(math.log(init_logit_scale), dtype=torch.float32)
+        if learnable:
+            self.log_logit_scale = torch.nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+        self.max_logit_scale, self.normalize, self.gather, self.backend = float(max_logit_scale), normalize, gather, backend
+
+    @property
+    def logit_scale(self):
+        """t = min(exp(log t), max_logit_scale), a 0-d tensor in the graph."""
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, z_a, z_b, labels=None):
+        return F.clip_loss(z_a, z_b, self.logit_scale, labels=labels, normalize=self.normalize, gather=self.gather,
+                           backend=self.backend)
+
+
+class SigLIPLoss(_Loss):
+    """SigLIP with a learnable scale and bias: ``loss = SigLIPLoss()(image_emb, text_emb)``. See :func:`sslops.siglip_loss`.
+
+    Holds ``log_logit_scale`` = log t (init log 10) and ``logit_bias`` = b (init −10), the
+    paper's initialisation; parameters when ``learnable``, else buffers.
+    ``forward(z_a, z_b, labels=None)``.
+    """
+
+    _fields = ("normalize", "gather", "backend")
+
+    def __init__(self, init_logit_scale=10.0, init_logit_bias=-10.0, learnable=True, normalize=True, gather=False,
+                 backend="auto"):
+        super().__init__()
+        if not init_logit_scale > 0:
+            raise ValueError(f"init_logit_scale must be > 0, got {init_logit_scale}")
+        log_scale = torch.tensor(math.log(init_logit_scale), dtype=torch.float32)
+        bias = torch.tensor(float(init_logit_bias), dtype=torch.float32)
+        if learnable:
+            self.log_logit_scale, self.logit_bias = torch.nn.Parameter(log_scale), torch.nn.Parameter(bias)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+            self.register_buffer("logit_bias", bias)
+        self.normalize, self.gather, self.backend = normalize, gather, backend
+
+    @property
+    def logit_scale(self):
+        return self.log_logit_scale.exp()
+
+    def forward(self, z_a, z_b, labels=None):
+        return F.siglip_loss(z_a, z_b, self.logit_scale, self.logit_bias, labels=labels, normalize=self.normalize,
+                             gather=self.gather, backend=self.backend)
+
+
+class NegativeQueue(torch.nn.Module):
+    """A first-in-first-out queue of negative rows (MoCo's queue, lightly's memory bank).
+
+    ::
+
+        queue = sslops.nn.NegativeQueue(65536, 128)
+        loss = sslops.nt_xent_loss(q, k, negatives=queue.negatives, in_batch_negatives=False)
+        loss.backward(); optimizer.step()
+        queue.enqueue(k)            # after the step: the keys of this batch replace the oldest rows
+
+    ``negatives`` is the filled part of the queue ((min(seen, size), K), detached; empty until
+    the first ``enqueue``). ``enqueue(keys)`` stores ``keys.detach()`` in the queue's dtype;
+    under ``torch.distributed`` (``gather=True``, the default) it first gathers the keys of
+    every rank in rank order (batches may differ in size), so every rank holds the same queue,
+    as MoCo's ``concat_all_gather`` does. A batch larger than the queue keeps its last
+    ``size`` rows. The queue, its write position and fill level are buffers (saved in
+    ``state_dict``). No host synchronisation: positions are kept as Python ints too.
+    """
+
+    def __init__(self, size, dim, *, dtype=torch.float32, device=None, gather=True):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        self.size, self.dim, self.gather = size, dim, gather
+        self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("position", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))
+        self._position = self._filled = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._position, self._filled = int(self.position), int(self.filled)
+
+    @property
+    def negatives(self):
+        """The stored rows, (min(rows enqueued, size), K); the order of rows is immaterial to the losses."""
+        return self.queue if self._filled == self.size else self.queue[:self._filled]
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Append ``keys`` (B, K) (gathered over ranks when ``gather`` and W > 1), overwriting the oldest rows."""
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must be a (B, {self.dim}) tensor, got "
+                             f"{tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__}")
+        keys = keys.detach()
+        if self.gather and distributed.world_size() > 1:
+            keys = distributed.all_gather_rows(keys)
+        keys = keys[-self.size:].to(device=self.queue.device, dtype=self.queue.dtype)
+        b = keys.shape[0]
+        first = min(b, self.size - self._position)
+        self.queue[self._position:self._position + first] = keys[:first]
+        self.queue[:b - first] = keys[first:]
+        self._position = (self._position + b) % self.size
+        self._filled = min(self.size, self._filled + b)
+        self.position.fill_(self._position)
+        self.filled.fill_(self._filled)
 
 
 class MatrixSSLLoss(_Loss):

@@ -43,6 +43,13 @@ InfoNCE over G (SupCon L_out; SimCLR NT-Xent when G pairs two views)::
     ℓ_i  = logsumexp_{a≠i}(s_ia/τ) - (1/|P(i)|) Σ_{p∈P(i)} s_ip/τ      (ℓ_i = 0 if P(i) = ∅)
     loss = Σ_i ℓ_i / max(#{i : |P(i)| ≥ 1}, 1)
 
+The contrastive family beyond one set (conventions §3b): extra ``negatives`` rows in every
+anchor's logsumexp (a MoCo queue, a memory bank), the decoupled loss (positives leave the
+denominator; DCLW weights), CLIP (two sets, cross-entropy both ways) and SigLIP::
+
+    CLIP:    T = t·cos(a_i, b_j),   loss = ½ [mean_i CE(T_i·, P(i)) + mean_j CE(T_·j, P(j))]
+    SigLIP:  loss = (1/N) Σ_ij softplus(−y_ij (t·cos(a_i, b_j) + b)),   y_ij = ±1
+
 Matrix cross-entropy and Matrix-SSL::
 
     log Q ≈ Σ_{k=1..n} (-1)^{k+1} (Q - I)^k / k           (converges iff ρ(Q - I) < 1)
@@ -63,6 +70,12 @@ __all__ = [
     "info_nce_loss",
     "info_nce_rows",
     "nt_xent_loss",
+    "anchor_mask",
+    "dclw_pair_weights",
+    "clip_rows",
+    "clip_loss",
+    "siglip_rows",
+    "siglip_loss",
     "matrix_log",
     "matrix_cross_entropy",
     "matrix_ssl_loss",
@@ -231,46 +244,125 @@ def barlow_twins_loss(z_a, z_b, lambd=0.0051, eps=1e-5):
     return on_diag + lambd * _off_diagonal_square_sum(c)
 
 
-# ----------------------------------------------------------------------------- InfoNCE
+# ----------------------------------------------------------------------------- InfoNCE and the contrastive family
+
+DCLW_SIGMA = 0.5  # σ of DCLW's weights (lightly's DCLWLoss default)
 
 
-def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_end=None):
-    r"""Per-anchor InfoNCE terms for anchors ``row_start <= i < row_end`` against all N rows.
+def anchor_mask(count, n_batch, n_negatives=0, in_batch_negatives=True, decoupled=False):
+    r"""Which anchors enter the mean, from their positive counts |P(i)| alone (no host sync).
+
+    An anchor needs a positive; under ``decoupled`` it also needs a candidate left in its
+    denominator: an extra negative (``n_negatives`` > 0), or, with in-batch negatives, an
+    in-batch row that is neither itself nor a positive (|P(i)| < ``n_batch`` − 1).
+    """
+    has_positive = count > 0
+    if not decoupled or n_negatives > 0:
+        return has_positive
+    if not in_batch_negatives:
+        return torch.zeros_like(has_positive)
+    return has_positive & (count < n_batch - 1)
+
+
+def dclw_pair_weights(z, g, sigma=DCLW_SIGMA, totals=None):
+    r"""DCLW's weight of every ordered positive pair: ``w_ip = 2 − |E|·softmax_E(s_ip/σ)``.
+
+    E = {(i, p) : g_ip} is the set of ordered positive pairs of the loss's anchors (``g`` a
+    bool (N, N) mask), s the cosine similarity; the softmax runs over all of E and the weights
+    are detached, as lightly's ``negative_mises_fisher_weights`` (which, for two views and
+    N pairs, is ``2 − N·softmax``: over the 2N ordered pairs each similarity appears twice,
+    and 2N·softmax_2N = N·softmax_N). Entries outside E are meaningless. Written as
+    ``2 − |E|·e^{s/σ}/Σ_E e^{s/σ}`` (|s| ≤ 1: no overflow); ``totals(Σ_E e^{s/σ}, |E|)`` may
+    replace the two sums (by the global batch's, under ``gather=True``).
+    """
+    zn = F.normalize(z.detach(), dim=1)
+    e = torch.where(g, torch.exp(zn @ zn.T / sigma), 0.0)
+    z_sum, count = e.sum(), g.sum().to(z.dtype)
+    if totals is not None:
+        z_sum, count = totals(z_sum, count)
+    return 2.0 - count * e / z_sum
+
+
+def _split_logsumexp(x):
+    r"""``(m, l)`` with logsumexp over dim 1 = m + l: m the row maximum (detached), l = log Σ exp(x − m).
+
+    The maximum's own term (exactly 1) is added after the others' sum: one rounding near 1
+    instead of one per candidate. Autograd then gives softmax weights exp(x − m)/Σ whose error
+    is a few ulp of 1, where ``torch.logsumexp``'s backward forms exp(x − lse) from the lse
+    rounded to the ulp of |x| (1e-6 at |s/τ| ≈ 14, τ = 0.07): NT-Xent's fp32 gradients for
+    close views were 2.5-3× farther from float64 than lightly's cross-entropy form and
+    pytorch-metric-learning's (the gradient of a dominant positive is p − 1). The shift carries
+    no gradient: the sum does not depend on it.
+    """
+    top = x.detach().argmax(dim=1, keepdim=True)
+    m = x.detach().gather(1, top)
+    m = m.masked_fill(m.isinf(), 0.0)  # a row of −inf only (no candidate): no shift
+    shifted = x - m
+    others = torch.exp(shifted.scatter(1, top, float("-inf"))).sum(dim=1)
+    return m.squeeze(1), torch.log(torch.exp(shifted.gather(1, top).squeeze(1)) + others)
+
+
+def info_nce_rows(z, labels=None, pairs=None, temperature=0.1, row_start=0, row_end=None, *, negatives=None,
+                  in_batch_negatives=True, decoupled=False, weight_rows=None, weight_totals=None):
+    r"""Per-anchor InfoNCE terms for anchors ``row_start <= i < row_end`` of ``z`` (conventions §3, §3b).
 
     ::
 
         s_ij = ⟨ẑ_i, ẑ_j⟩,  ẑ = z / max(‖z‖, 1e-12)    (torch.nn.functional.normalize)
-        ℓ_i  = logsumexp_{a≠i}(s_ia/τ) - (1/|P(i)|) Σ_{p∈P(i)} s_ip/τ
-        ℓ_i  = 0 when P(i) is empty
+        D(i) = {a ≠ i} ∪ Q                       in-batch rows and the extra negatives Q
+             = {a ≠ i, a ∉ P(i)} ∪ Q             decoupled (DCL)
+             = P(i) ∪ Q                          in_batch_negatives=False
+             = Q                                 both
+        ℓ_i  = logsumexp_{a∈D(i)}(s_ia/τ) − (1/|P(i)|) Σ_{p∈P(i)} w_ip·s_ip/τ
+        ℓ_i  = 0 for anchors outside :func:`anchor_mask` (no positive, or an empty D(i))
+
+    ``negatives`` (M, K) rows are candidates of every anchor, never anchors, never positives.
+    ``w_ip`` = 1, or DCLW's :func:`dclw_pair_weights` with ``decoupled="weighted"``, taken over
+    the positive pairs of the anchors ``weight_rows`` = (start, end) (default all N rows),
+    their two sums replaced by ``weight_totals(sum, count)`` when given (a distributed total).
 
     Returns ``(ℓ, count)``: ℓ has one entry per window row, in z's dtype; ``count`` is
     |P(i)| for the same rows as floats, in z's dtype promoted to at least float32 (so the
-    counts stay exact integers for bf16/fp16 inputs). The diagonal is excluded from the
-    logsumexp by masking it with -inf; G never contains it, so the positive sum uses the
-    unmasked logits. This row window is what the distributed path computes per rank: local
-    anchors against every gathered candidate.
+    counts stay exact integers for bf16/fp16 inputs). This row window is what the
+    distributed path computes per rank: local anchors against every gathered candidate.
     """
     n = z.shape[0]
     row_end = n if row_end is None else row_end
-    g = relation_matrix(n, labels=labels, pairs=pairs, device=z.device)[row_start:row_end]
+    g_all = relation_matrix(n, labels=labels, pairs=pairs, device=z.device)
+    g = g_all[row_start:row_end]
     zn = F.normalize(z, dim=1)
     logits = zn[row_start:row_end] @ zn.T / temperature           # (rows, N)
     anchor = torch.arange(row_start, row_end, device=z.device)
     is_self = anchor[:, None] == torch.arange(n, device=z.device)[None, :]
-    lse = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1)
+    if decoupled:
+        keep = ~is_self & ~g if in_batch_negatives else torch.zeros_like(g)
+    else:
+        keep = ~is_self if in_batch_negatives else g
+    candidates = logits.masked_fill(~keep, float("-inf"))
+    m = 0 if negatives is None else negatives.shape[0]
+    if m:
+        candidates = torch.cat([candidates, zn[row_start:row_end] @ F.normalize(negatives, dim=1).T / temperature], 1)
     count = g.sum(dim=1)
-    positive_sum = torch.where(g, logits, 0.0).sum(dim=1)
-    positive_mean = positive_sum / count.to(z.dtype).clamp(min=1)
-    loss = torch.where(count > 0, lse - positive_mean, 0.0)
+    valid = anchor_mask(count, n, m, in_batch_negatives, decoupled)
+    # rows left out of the mean get finite stand-ins: an all −inf logsumexp would put NaN in the gradient
+    row_max, log_sum = _split_logsumexp(torch.where(valid[:, None], candidates, 0.0))
+    if decoupled == "weighted":
+        lo, hi = (0, n) if weight_rows is None else weight_rows
+        in_loss = torch.zeros_like(g_all)
+        in_loss[lo:hi] = g_all[lo:hi]
+        logits = dclw_pair_weights(z, in_loss, totals=weight_totals)[row_start:row_end] * logits
+    positive_mean = torch.where(g, logits, 0.0).sum(dim=1) / count.to(z.dtype).clamp(min=1)
+    loss = torch.where(valid, (row_max - positive_mean) + log_sum, 0.0)  # lse = row_max + log_sum
     return loss, count.to(torch.promote_types(z.dtype, torch.float32))
 
 
-def info_nce_loss(z, labels=None, pairs=None, temperature=0.1):
-    r"""InfoNCE over a positive relation G: SupCon's L_out (conventions §3).
+def info_nce_loss(z, labels=None, pairs=None, temperature=0.1, *, negatives=None, in_batch_negatives=True,
+                  decoupled=False):
+    r"""InfoNCE over a positive relation G: SupCon's L_out (conventions §3), with §3b's options.
 
     ::
 
-        loss = Σ_i ℓ_i / max(#{i : |P(i)| ≥ 1}, 1)         ℓ_i from :func:`info_nce_rows`
+        loss = Σ_i ℓ_i / max(#anchors in the mean, 1)         ℓ_i from :func:`info_nce_rows`
 
     Every row is a negative for every other row; an anchor without positives adds nothing
     but still serves as a negative. If no anchor has a positive the loss is 0 with zero
@@ -281,15 +373,18 @@ def info_nce_loss(z, labels=None, pairs=None, temperature=0.1):
     SupCon (Khosla et al. 2020, L_out). ``pairs`` gives an arbitrary symmetric G.
     solo-learn (all positives in one numerator) and pytorch-metric-learning (other positives
     removed from the denominator) compute different losses once an anchor has more than
-    one positive; see :func:`nt_xent_loss`.
+    one positive; see :func:`nt_xent_loss`. ``negatives``, ``in_batch_negatives`` and
+    ``decoupled`` as in :func:`info_nce_rows`.
     """
-    loss_rows, count = info_nce_rows(z, labels=labels, pairs=pairs, temperature=temperature)
-    anchors = (count > 0).sum().to(loss_rows.dtype)
+    loss_rows, count = info_nce_rows(z, labels=labels, pairs=pairs, temperature=temperature, negatives=negatives,
+                                     in_batch_negatives=in_batch_negatives, decoupled=decoupled)
+    m = 0 if negatives is None else negatives.shape[0]
+    anchors = anchor_mask(count, z.shape[0], m, in_batch_negatives, decoupled).sum().to(loss_rows.dtype)
     return loss_rows.sum() / anchors.clamp(min=1)
 
 
-def nt_xent_loss(z_a, z_b, temperature=0.5):
-    r"""SimCLR's NT-Xent over 2N anchors (Chen et al. 2020).
+def nt_xent_loss(z_a, z_b, temperature=0.5, *, negatives=None, in_batch_negatives=True, decoupled=False):
+    r"""SimCLR's NT-Xent over 2N anchors (Chen et al. 2020), with §3b's options.
 
     ``info_nce_loss(cat([z_a, z_b]), labels=arange(N).repeat(2), temperature)``: each row's
     one positive is the other view of its sample; the other 2N - 2 rows are negatives.
@@ -298,10 +393,107 @@ def nt_xent_loss(z_a, z_b, temperature=0.5):
     the other positives from each denominator: those are different losses, which coincide
     with this one only while every anchor has exactly one positive (plain two-view SimCLR)
     and part from it as soon as an anchor has several (more views, SupCon labels).
+
+    With ``in_batch_negatives=False`` the anchors are the N rows of ``z_a`` only and anchor
+    i's candidates are z_b[i] and the ``negatives``: MoCo's InfoNCE and lightly's
+    ``NTXentLoss(memory_bank_size=M)``. ``decoupled=True`` is DCL (Yeh et al. 2022) as the
+    paper's Eq. 6 and its authors' code compute it (one logsumexp over both views'
+    negatives), ``"weighted"`` DCLW with lightly's weights.
     """
     n = z_a.shape[0]
     labels = torch.arange(n, device=z_a.device).repeat(2)
-    return info_nce_loss(torch.cat([z_a, z_b]), labels=labels, temperature=temperature)
+    z = torch.cat([z_a, z_b])
+    if in_batch_negatives:
+        return info_nce_loss(z, labels=labels, temperature=temperature, negatives=negatives, decoupled=decoupled)
+    loss_rows, count = info_nce_rows(z, labels=labels, temperature=temperature, row_start=0, row_end=n,
+                                     negatives=negatives, in_batch_negatives=False, decoupled=decoupled,
+                                     weight_rows=(0, n))
+    m = 0 if negatives is None else negatives.shape[0]
+    anchors = anchor_mask(count, 2 * n, m, False, decoupled).sum().to(loss_rows.dtype)
+    return loss_rows.sum() / anchors.clamp(min=1)
+
+
+def _two_set_relation(n_a, n_b, labels, row_start, row_end, device):
+    """(rows, N_b) bool: b_j is a positive of a_i (i in the window): same label, or j = i without labels."""
+    if labels is None:
+        rows = torch.arange(row_start, row_end, device=device)
+        return rows[:, None] == torch.arange(n_b, device=device)[None, :]
+    return labels[row_start:row_end, None] == labels[None, :]
+
+
+def clip_rows(z_a, z_b, logit_scale, labels=None, normalize=True, row_start=0, row_end=None):
+    r"""CLIP's per-anchor terms for rows ``row_start <= i < row_end`` of both sets (conventions §3b).
+
+    ::
+
+        T_ij  = t·⟨â_i, b̂_j⟩                    â, b̂ row-normalised (or as given, normalize=False)
+        ℓᵃ_i  = logsumexp_j T_ij − (1/|P(i)|) Σ_{j∈P(i)} T_ij      image i against every text
+        ℓᵇ_j  = logsumexp_i T_ij − (1/|P(j)|) Σ_{i∈P(j)} T_ij      text j against every image
+
+    P(i) = {j : labels_j = labels_i} (or {i} without labels). Returns ``(ℓᵃ, ℓᵇ)`` for the window.
+    """
+    n = z_a.shape[0]
+    row_end = n if row_end is None else row_end
+    a = F.normalize(z_a, dim=1) if normalize else z_a
+    b = F.normalize(z_b, dim=1) if normalize else z_b
+
+    def rows(x, y):
+        logits = logit_scale * (x[row_start:row_end] @ y.T)
+        g = _two_set_relation(n, n, labels, row_start, row_end, z_a.device)
+        positive_mean = torch.where(g, logits, 0.0).sum(dim=1) / g.sum(dim=1).to(logits.dtype)
+        return torch.logsumexp(logits, dim=1) - positive_mean
+
+    return rows(a, b), rows(b, a)
+
+
+def clip_loss(z_a, z_b, logit_scale, labels=None, normalize=True):
+    r"""CLIP's symmetric cross-entropy (Radford et al. 2021; open_clip ``ClipLoss``).
+
+    ::
+
+        loss = ½ [ mean_i ℓᵃ_i + mean_j ℓᵇ_j ]          ℓ from :func:`clip_rows`
+
+    ``logit_scale`` t is the exponentiated scale (a float or a 0-d tensor), as open_clip
+    passes it. Without labels this is open_clip's ``ClipLoss`` (its features are normalised
+    by the model; here ``normalize=True`` does it inside, which leaves the value unchanged).
+    """
+    loss_a, loss_b = clip_rows(z_a, z_b, logit_scale, labels=labels, normalize=normalize)
+    return 0.5 * (loss_a.mean() + loss_b.mean())
+
+
+def siglip_rows(z_a, z_b, logit_scale, logit_bias, labels=None, normalize=True, row_offset=0):
+    r"""SigLIP's per-row sums for the rows of ``z_a`` against all rows of ``z_b`` (conventions §3b).
+
+    ::
+
+        x_ij = t·⟨â_i, b̂_j⟩ + b,   y_ij = +1 if j ∈ P(i) else −1
+        r_i  = Σ_j −log σ(y_ij·x_ij) = Σ_j softplus(−y_ij·x_ij)
+
+    The rows of ``z_a`` are rows ``row_offset, row_offset + 1, …`` of the full set a (a rank's
+    local rows under ``gather=True``); ``labels`` (N_b,) hold one label per pair (a_i, b_i),
+    so a's row i has the label ``labels[row_offset + i]``; without labels P(i) = {row_offset + i}.
+    """
+    n_a, n_b = z_a.shape[0], z_b.shape[0]
+    a = F.normalize(z_a, dim=1) if normalize else z_a
+    b = F.normalize(z_b, dim=1) if normalize else z_b
+    logits = logit_scale * (a @ b.T) + logit_bias
+    g = _two_set_relation(n_b, n_b, labels, row_offset, row_offset + n_a, z_a.device)
+    y = torch.where(g, 1.0, -1.0).to(logits.dtype)
+    return -F.logsigmoid(y * logits).sum(dim=1)
+
+
+def siglip_loss(z_a, z_b, logit_scale, logit_bias, labels=None, normalize=True):
+    r"""SigLIP's sigmoid loss (Zhai et al. 2023; open_clip ``SigLipLoss``, big_vision).
+
+    ::
+
+        loss = (1/N) Σ_i r_i                 r_i from :func:`siglip_rows`
+
+    The sum over all N² pairs divided by the number of rows of ``z_a``, as open_clip
+    (``-logsigmoid(labels * logits).sum() / N``); t and b are the exponentiated scale and the
+    bias (SigLIP initialises log t = log 10, b = −10).
+    """
+    return siglip_rows(z_a, z_b, logit_scale, logit_bias, labels=labels, normalize=normalize).sum() / z_a.shape[0]
 
 
 # ----------------------------------------------------------------------------- Matrix-SSL

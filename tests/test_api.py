@@ -11,7 +11,7 @@ from tests.utils import randn
 
 PUBLIC = [
     "vicreg_loss", "vicreg_relation_loss", "barlow_twins_loss", "info_nce_loss",
-    "nt_xent_loss", "matrix_log", "matrix_cross_entropy", "matrix_ssl_loss",
+    "nt_xent_loss", "clip_loss", "siglip_loss", "matrix_log", "matrix_cross_entropy", "matrix_ssl_loss",
 ]
 
 
@@ -29,12 +29,21 @@ def test_exports_and_signatures():
     sig = inspect.signature(sslops.barlow_twins_loss)
     assert {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY} == dict(
         lambd=0.0051, eps=1e-5, gather=False, backend="auto")
+    contrastive = dict(negatives=None, in_batch_negatives=True, decoupled=False, gather=False, backend="auto")
     sig = inspect.signature(sslops.info_nce_loss)
     assert {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY} == dict(
-        labels=None, pairs=None, temperature=0.1, gather=False, backend="auto")
+        labels=None, pairs=None, temperature=0.1, **contrastive)
     sig = inspect.signature(sslops.nt_xent_loss)
     assert {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY} == dict(
-        temperature=0.5, gather=False, backend="auto")
+        temperature=0.5, **contrastive)
+    sig = inspect.signature(sslops.clip_loss)
+    assert list(sig.parameters)[:3] == ["z_a", "z_b", "logit_scale"]
+    assert {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY} == dict(
+        labels=None, normalize=True, gather=False, backend="auto")
+    sig = inspect.signature(sslops.siglip_loss)
+    assert list(sig.parameters)[:4] == ["z_a", "z_b", "logit_scale", "logit_bias"]
+    assert {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY} == dict(
+        labels=None, normalize=True, gather=False, backend="auto")
     sig = inspect.signature(sslops.matrix_ssl_loss)
     kw = {k: v.default for k, v in sig.parameters.items() if v.kind is v.KEYWORD_ONLY}
     assert {k: kw[k] for k in ("lambd", "mu", "gamma", "order", "gather", "backend")} == dict(
@@ -44,6 +53,9 @@ def test_exports_and_signatures():
         assert kw["order"] == 4 and kw["method"] == "taylor"
     kw = {k: v.default for k, v in inspect.signature(sslops.matrix_cross_entropy).parameters.items() if v.kind is v.KEYWORD_ONLY}
     assert kw["backend"] == "auto" and kw["check"] == "raise"
+
+
+QUEUE = randn(6, 5, seed=99)  # extra negatives of the queue cases
 
 
 def _cases(dtype, seed=0):
@@ -64,6 +76,14 @@ def _cases(dtype, seed=0):
         ("info_nce_pairs", lambda **kw: sslops.info_nce_loss(za, pairs=pairs, **kw),
          lambda t: reference.info_nce_loss(t[0], pairs=pairs), (za,)),
         ("nt_xent", lambda **kw: sslops.nt_xent_loss(za, zb, **kw), lambda t: reference.nt_xent_loss(*t), (za, zb)),
+        ("nt_xent_queue", lambda **kw: sslops.nt_xent_loss(za, zb, negatives=QUEUE.to(dtype), in_batch_negatives=False,
+                                                           decoupled=True, **kw),
+         lambda t: reference.nt_xent_loss(*t, negatives=QUEUE.to(dtype).double(), in_batch_negatives=False, decoupled=True),
+         (za, zb)),
+        ("clip", lambda **kw: sslops.clip_loss(za, zb, 14.0, labels=labels, **kw),
+         lambda t: reference.clip_loss(*t, 14.0, labels=labels), (za, zb)),
+        ("siglip", lambda **kw: sslops.siglip_loss(za, zb, 10.0, -10.0, **kw),
+         lambda t: reference.siglip_loss(*t, 10.0, -10.0), (za, zb)),
         ("matrix_ssl", lambda **kw: sslops.matrix_ssl_loss(za, zb, **kw), lambda t: reference.matrix_ssl_loss(*t), (za, zb)),
         ("mce", lambda **kw: sslops.matrix_cross_entropy(p, q, **kw),
          lambda t: reference.matrix_cross_entropy(*t), (p, q)),
@@ -105,6 +125,10 @@ def _call_on(name, leaves):
         "info_nce": lambda: sslops.info_nce_loss(leaves[0], labels=labels),
         "info_nce_pairs": lambda: sslops.info_nce_loss(leaves[0], pairs=pairs),
         "nt_xent": lambda: sslops.nt_xent_loss(*leaves),
+        "nt_xent_queue": lambda: sslops.nt_xent_loss(*leaves, negatives=QUEUE.to(leaves[0].dtype), in_batch_negatives=False,
+                                                     decoupled=True),
+        "clip": lambda: sslops.clip_loss(*leaves, 14.0, labels=labels),
+        "siglip": lambda: sslops.siglip_loss(*leaves, 10.0, -10.0),
         "matrix_ssl": lambda: sslops.matrix_ssl_loss(*leaves),
         "mce": lambda: sslops.matrix_cross_entropy(*leaves),
     }[name]()

@@ -214,13 +214,22 @@ def test_cxx_ops_called_directly_under_autocast():
         bwd = ops.matrix_ssl_bwd_cxx(grad, p, z, *fwd[1:], 1.0, 1.0, 1.0, 4, True, True)
         mce = ops.matrix_mce_fwd_cxx(pm, q, 4)
         mce_b = ops.matrix_mce_bwd_cxx(grad, pm, mce[1], mce[2], 4, True, True)
-        nce = ops.info_nce_fwd_cxx(z, labels, None, None, 0.1, 0, N)
-        nce_b = ops.info_nce_bwd_cxx(torch.full((N,), 0.7), z, labels, None, None, nce[1], nce[2], 0.1, 0, N)
+        # the contrastive pass (sslops/ops/infonce.py): InfoNCE with a queue, CLIP's two directions, SigLIP
+        scale, bias, queue = torch.tensor(5.0), torch.tensor(-1.0), randn(7, K, seed=35)
+        nce = ops.contrastive_fwd_cxx(z, None, queue, labels, None, None, None, scale, torch.tensor(0.0), 0, N, 0, 0, 0, 0.5)
+        nce_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), nce[2], z, None, queue, labels, None, None, None, nce[0],
+                                        nce[2], scale, torch.tensor(0.0), 0, N, 0, 0, 0, 0.5, True, False, True)
+        clip = ops.contrastive_fwd_cxx(p, z, None, labels, labels, None, None, scale, torch.tensor(0.0), 0, N, 0, N, 32, 0.5)
+        clip_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), torch.full((N, 3), 0.3), p, z, None, labels, labels, None,
+                                         None, clip[0], clip[2], scale, torch.tensor(0.0), 0, N, 0, N, 32, 0.5, True, True, False)
+        sig = ops.contrastive_fwd_cxx(p, z, None, labels, labels, None, None, scale, bias, 0, N, 0, 0, 1, 0.5)
+        sig_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), sig[2], p, z, None, labels, labels, None, None, sig[0],
+                                        sig[2], scale, bias, 0, N, 0, 0, 1, 0.5, True, True, False)
         vic = ops.vicreg_view_forward_cxx(z, p, 1e-4, 0, True)
         vic_b = ops.vicreg_view_backward_cxx(z, p, vic[1], vic[2], vic[3], torch.tensor([0.5, 0.25, 0.125]), 1e-4, 0)
         bt = ops.barlow_twins_forward_cxx(p, z, 0.0051, 1e-5, 0, True)
         bt_b = ops.barlow_twins_backward_cxx(grad, p, z, *bt[1:], 0.0051, 0)
-        return [*fwd, *bwd, *mce, *mce_b, *nce, nce_b, *vic, vic_b, *bt, *bt_b]
+        return [*fwd, *bwd, *mce, *mce_b, *nce, *nce_b, *clip, *clip_b, *sig, *sig_b, *vic, vic_b, *bt, *bt_b]
 
     outside = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):

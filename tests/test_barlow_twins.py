@@ -7,7 +7,7 @@ import sslops
 from sslops import reference
 from sslops.ops import covariance as cov_ops
 from tests.test_vicreg import CPU, TRITON, HAVE_CPU, _cases, _check, _grads, _rel_err, _two_view_inputs
-from tests.utils import noncontiguous, randn
+from tests.utils import assert_kernel_within_rule, noncontiguous, randn
 
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="sslops._C not built")
 
@@ -157,3 +157,18 @@ def test_barlow_triton_row_chunks_match_reference(monkeypatch, dtype, route, dev
     assert torch.equal(loss, again) and torch.equal(ga, ga2) and torch.equal(gb, gb2)
     z_b[20, 2] = float("nan")
     assert torch.isnan(fn(z_a, z_b, lambd=0.02, eps=1e-5))
+
+
+# ----------------------------------------------------------------------------- fp32 precision at large N and |mean| (issue 12.2)
+
+
+@needs_cpu
+@pytest.mark.parametrize("n,shift", [(32768, 0.0), (256, 1e5), (4097, 1e5)])
+def test_cpu_fp32_error_within_2x_of_naive_at_large_n_and_mean(n, shift):
+    """Column statistics and the diagonal c_kk summed in one fp32 running total made the loss
+    50× (N = 256, both views shifted by 1e5) and 700× (N = 32768) farther from float64 than
+    plain fp32 PyTorch; loss and gradients must stay within 2× of it."""
+    z_a, z_b = _two_view_inputs(n, 128, torch.float64, "cpu", seed=n)
+    z_a, z_b = (z_a + shift).float(), (z_b + shift).float()
+    assert_kernel_within_rule(lambda a, b: sslops.barlow_twins_loss(a, b, backend="cpu"), reference.barlow_twins_loss,
+                              (z_a, z_b), grad_out=1.3, what=f"barlow N={n} shift={shift:g}")

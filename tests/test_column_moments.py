@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sslops
-from tests.utils import noncontiguous, randn
+from tests.utils import assert_error_within, noncontiguous, randn
 
 pytestmark = pytest.mark.skipif(not sslops._extension.LOADED, reason="sslops._C not built")
 
@@ -106,3 +106,20 @@ def test_triton_row_chunk_sizing(monkeypatch):
     assert tc._row_chunks(65536, 600, 64, cpu) == (65536, 1)  # the columns alone fill the GPU
     chunk, chunks = tc._row_chunks(2 ** 21 + 3, 17, 64, cpu)
     assert chunk % 64 == 0 and (chunks - 1) * chunk < 2 ** 21 + 3 <= chunks * chunk and 17 * chunks <= 4 * 132
+
+
+# ----------------------------------------------------------------------------- fp32 precision at large N and |mean| (issue 12.2)
+
+
+@pytest.mark.parametrize("n,shift", [(32768, 0.0), (256, 1e5), (32768, 1e5)])
+def test_fp32_error_within_2x_of_naive_at_large_n_and_mean(n, shift):
+    """One running fp32 total per column made m2's error grow with N (32768 rows) and with
+    |mean|/std (every column shifted by 1e5, std 1); blocked sums after subtracting a sample
+    row keep it within 2× plain fp32 PyTorch's (tests.utils.assert_error_within)."""
+    z = randn(n, 128, torch.float32, seed=n, shift=shift)
+    mean, m2 = torch.ops.sslops.column_moments_cxx(z)
+    naive_mean = z.mean(0)
+    x = z.double()
+    exact_mean = x.mean(0)
+    assert_error_within(mean, naive_mean, exact_mean, what="mean")
+    assert_error_within(m2, ((z - naive_mean) ** 2).sum(0), ((x - exact_mean) ** 2).sum(0), what="m2")

@@ -190,16 +190,20 @@ def _public_or_direct(world, path=True):
             barlow=lambda a, b: sslops.barlow_twins_loss(a, b, gather=path),
             relation=lambda z, **kw: sslops.vicreg_relation_loss(z, gather=path, **kw),
             info_nce=lambda z, **kw: sslops.info_nce_loss(z, gather=True, **kw),
-            nt_xent=lambda a, b: sslops.nt_xent_loss(a, b, gather=True),
+            nt_xent=lambda a, b, **kw: sslops.nt_xent_loss(a, b, gather=True, **kw),
             matrix=lambda p, z: sslops.matrix_ssl_loss(p, z, gather=True),
+            clip=lambda a, b, t, **kw: sslops.clip_loss(a, b, t, gather=True, **kw),
+            siglip=lambda a, b, t, c, **kw: sslops.siglip_loss(a, b, t, c, gather=True, **kw),
         )
     return dict(
         vicreg=lambda a, b: sd.vicreg_loss(a, b, gather=path),
         barlow=lambda a, b: sd.barlow_twins_loss(a, b, gather=path),
         relation=lambda z, **kw: sd.vicreg_relation_loss(z, gather=path, **kw),
         info_nce=lambda z, **kw: sd.info_nce_loss(z, **kw),
-        nt_xent=lambda a, b: sd.nt_xent_loss(a, b),
+        nt_xent=lambda a, b, **kw: sd.nt_xent_loss(a, b, **kw),
         matrix=lambda p, z: sd.matrix_ssl_loss(p, z, functools.partial(sslops.matrix_ssl_loss, gather=False)),
+        clip=lambda a, b, t, **kw: sd.clip_loss(a, b, logit_scale=t, **kw),
+        siglip=lambda a, b, t, c, **kw: sd.siglip_loss(a, b, logit_scale=t, logit_bias=c, **kw),
     )
 
 
@@ -258,6 +262,7 @@ def _check_every_loss(rank, world):
     _check_info_nce(rank, world, sizes, za, labels, pairs, api)
     _check_loss("nt_xent", rank, world, sizes, api["nt_xent"], _ref(sslops.nt_xent_loss), [za, zb], False)
     _check_loss("matrix_ssl", rank, world, sizes, api["matrix"], _ref(sslops.matrix_ssl_loss), [p, q], True)
+    _check_contrastive_family(rank, world, sizes, za, zb, labels, pairs, api)
 
     _check_fused_kernel_on_rows_path(rank, world, sizes, za, zb, labels)
     _check_padded_reduce_scatter(rank, world, sizes, za, zb, labels, api)
@@ -293,6 +298,74 @@ def _check_info_nce(rank, world, sizes, za, labels, pairs, api):
                        lambda z: api["info_nce"](z, labels=unique[rows]),
                        lambda z: sslops.info_nce_loss(z, labels=unique, backend="reference"), [za], False)
     assert loss == 0
+
+
+def _check_loss_shared(name, rank, world, sizes, dist_fn, ref_fn, row_inputs, shared_inputs, grad_scale=0.7):
+    """:func:`_check_loss` with inputs every rank holds whole (a queue, a temperature, a scale, a bias):
+    their gradient on each rank is that of the rank's own loss, so the mean over ranks is ∂L/∂x."""
+    rows = _rows(world, sizes, rank)
+    local = [t[rows].clone().requires_grad_() for t in row_inputs]
+    shared = [t.clone().requires_grad_() for t in shared_inputs]
+    loss = dist_fn(*local, *shared)
+    (loss * grad_scale).backward()
+    full = [t.clone().requires_grad_() for t in row_inputs]
+    ref_shared = [t.clone().requires_grad_() for t in shared_inputs]
+    expected = ref_fn(*full, *ref_shared)
+    expected.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    _close(mean / world, expected.detach(), f"{name} (W={world}, rank {rank}): mean over ranks of the loss")
+    for i, (mine, ref) in enumerate(zip(local, full)):
+        _close(mine.grad, grad_scale * world * ref.grad[rows], f"{name} (W={world}, rank {rank}): grad of input {i}")
+    for i, (mine, ref) in enumerate(zip(shared, ref_shared)):
+        total = mine.grad.clone()
+        dist.all_reduce(total)
+        _close(total / world, grad_scale * ref.grad, f"{name} (W={world}, rank {rank}): mean grad of shared input {i}")
+
+
+def _check_contrastive_family(rank, world, sizes, za, zb, labels, pairs, api):
+    """Queues, in_batch_negatives=False, DCL/DCLW, a learnable temperature, CLIP and SigLIP (conventions §3b)."""
+    rows = _rows(world, sizes, rank)
+    g = torch.Generator().manual_seed(17)
+    queue = torch.randn(4, K, generator=g, dtype=F64)  # every rank holds the same queue
+    tau = torch.tensor(0.3, dtype=F64)
+    share = _share(pairs, rank, world)
+    cases = [
+        ("info_nce queue + DCL", lambda z, q, t: api["info_nce"](z, labels=labels[rows], temperature=t, negatives=q,
+                                                                   decoupled=True),
+         lambda z, q, t: sslops.info_nce_loss(z, labels=labels, temperature=t, negatives=q, decoupled=True,
+                                              backend="reference"), [za], [queue, tau]),
+        ("info_nce pairs DCLW", lambda z, t: api["info_nce"](z, pairs=share, temperature=t, decoupled="weighted"),
+         lambda z, t: sslops.info_nce_loss(z, pairs=pairs, temperature=t, decoupled="weighted", backend="reference"),
+         [za], [tau]),
+        ("nt_xent queue, no in-batch negatives (MoCo)",
+         lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, in_batch_negatives=False),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                backend="reference"), [za, zb], [queue, tau]),
+        ("nt_xent MoCo DCLW", lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                               decoupled="weighted"),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, in_batch_negatives=False,
+                                                decoupled="weighted", backend="reference"), [za, zb], [queue, tau]),
+        ("nt_xent queue DCLW", lambda a, b, q, t: api["nt_xent"](a, b, temperature=t, negatives=q, decoupled="weighted"),
+         lambda a, b, q, t: sslops.nt_xent_loss(a, b, temperature=t, negatives=q, decoupled="weighted",
+                                                backend="reference"), [za, zb], [queue, tau]),
+        ("clip", lambda a, b, t: api["clip"](a, b, t), lambda a, b, t: sslops.clip_loss(a, b, t, backend="reference"),
+         [za, zb], [tau * 20]),
+        ("clip labels", lambda a, b, t: api["clip"](a, b, t, labels=labels[rows]),
+         lambda a, b, t: sslops.clip_loss(a, b, t, labels=labels, backend="reference"), [za, zb], [tau * 20]),
+        ("siglip", lambda a, b, t, c: api["siglip"](a, b, t, c),
+         lambda a, b, t, c: sslops.siglip_loss(a, b, t, c, backend="reference"), [za, zb], [tau * 30, tau * -10]),
+        ("siglip labels", lambda a, b, t, c: api["siglip"](a, b, t, c, labels=labels[rows], normalize=False),
+         lambda a, b, t, c: sslops.siglip_loss(a, b, t, c, labels=labels, normalize=False, backend="reference"),
+         [za, zb], [tau, tau * -3]),
+    ]
+    for name, dist_fn, ref_fn, row_inputs, shared in cases:
+        _check_loss_shared(name, rank, world, sizes, dist_fn, ref_fn, row_inputs, shared)
+    # NegativeQueue: every rank enqueues its own keys; all ranks end with the same queue, in rank order
+    queue_module = sslops.nn.NegativeQueue(5, K, dtype=F64)
+    queue_module.enqueue(za[rows])  # W > 1: the keys of every rank, gathered in rank order
+    expected = za[-5:] if za.shape[0] >= 5 else za
+    _close(queue_module.negatives.sort(dim=0).values, expected.sort(dim=0).values, f"NegativeQueue (W={world})")
 
 
 class _OpLog(TorchDispatchMode):
@@ -361,6 +434,9 @@ def _check_padded_reduce_scatter(rank, world, sizes, za, zb, labels, api):
                     lambda z: api["info_nce"](z, labels=labels[rows], temperature=0.3),
                     lambda z: sslops.info_nce_loss(z, labels=labels, temperature=0.3, backend="reference"), [za], False)
         _check_loss("nt_xent (reduce-scatter)", rank, world, sizes, api["nt_xent"], _ref(sslops.nt_xent_loss), [za, zb], False)
+        _check_loss_shared("clip (reduce-scatter)", rank, world, sizes, lambda a, b, t: api["clip"](a, b, t),
+                           lambda a, b, t: sslops.clip_loss(a, b, t, backend="reference"), [za, zb],
+                           [torch.tensor(6.0, dtype=F64)])
     finally:
         sd.ROW_GRAD_REDUCE = "auto"
 

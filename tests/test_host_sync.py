@@ -121,7 +121,17 @@ SYNC_FREE = {
                         lambda b, t, x: sslops.vicreg_relation_loss(t[0], labels=x, backend=b)),
     "barlow_twins": ("barlow_twins", _two, lambda d: None, lambda b, t, x: sslops.barlow_twins_loss(*t, lambd=0.005, backend=b)),
     "info_nce": ("info_nce", lambda d: _two(d)[:1], _labels, lambda b, t, x: sslops.info_nce_loss(t[0], labels=x, temperature=0.2, backend=b)),
-    "nt_xent": ("info_nce", _two, lambda d: None, lambda b, t, x: sslops.nt_xent_loss(*t, temperature=0.2, backend=b)),
+    "nt_xent": ("nt_xent", _two, lambda d: None, lambda b, t, x: sslops.nt_xent_loss(*t, temperature=0.2, backend=b)),
+    # a queue (a buffer: no gradient), DCLW, a learnable temperature (a 0-d tensor leaf)
+    "nt_xent_queue": ("nt_xent", lambda d: _two(d) + [torch.tensor(0.2, device=d).requires_grad_()],
+                      lambda d: randn(11, K, device=d, seed=7),
+                      lambda b, t, x: sslops.nt_xent_loss(t[0], t[1], temperature=t[2], negatives=x, decoupled="weighted",
+                                                          backend=b)),
+    "clip": ("clip", lambda d: _two(d) + [torch.tensor(14.0, device=d).requires_grad_()], _labels,
+             lambda b, t, x: sslops.clip_loss(*t, labels=x, backend=b)),
+    "siglip": ("siglip", lambda d: _two(d) + [torch.tensor(10.0, device=d).requires_grad_(),
+                                             torch.tensor(-10.0, device=d).requires_grad_()], lambda d: None,
+               lambda b, t, x: sslops.siglip_loss(*t, backend=b)),
     "matrix_log": (None, lambda d: [_near_identity(d)], lambda d: None, lambda b, t, x: sslops.matrix_log(t[0], check="nan")),
     "matrix_cross_entropy": ("matrix_cross_entropy", lambda d: [randn(KQ, KQ, device=d, seed=6).requires_grad_(), _near_identity(d)],
                              lambda d: None, lambda b, t, x: sslops.matrix_cross_entropy(*t, check="nan", backend=b)),
@@ -244,7 +254,7 @@ def test_gpu_training_step_in_a_cuda_graph(name, device, backend):
     params = list(proj.parameters())
 
     def step(inputs):
-        out = run(backend, [proj(t) for t in inputs], extra)
+        out = run(backend, [proj(t) if t.dim() == 2 else t for t in inputs], extra)  # a 0-d leaf: a learnable temperature / scale
         return (out.detach(), *torch.autograd.grad(out, params, torch.full_like(out, 0.7) if out.dim() == 0 else torch.full_like(out, 0.3)))
 
     side = torch.cuda.Stream()
@@ -257,7 +267,8 @@ def test_gpu_training_step_in_a_cuda_graph(name, device, backend):
     with torch.cuda.graph(graph):
         captured = step(static)
     for seed in (101, 102):
-        fresh = [(t.detach() + 0.01 * randn(*t.shape, t.dtype, device, seed=seed + i)) for i, t in enumerate(leaves)]
+        fresh = [(t.detach() + 0.01 * randn(*t.reshape(1, -1).shape, t.dtype, device, seed=seed + i).reshape(t.shape))
+                 for i, t in enumerate(leaves)]
         for s, f in zip(static, fresh):
             s.copy_(f)
         graph.replay()

@@ -11,11 +11,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sslops
 from sslops import reference as R
 from sslops.ops import infonce as ops
-from tests.utils import INTERPRET, TOLERANCES, kernel_backends, noncontiguous, randn
+from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, assert_error_within, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
+                         noncontiguous, randn)
 
 BACKENDS = kernel_backends("info_nce")
 HAS_CPU = sslops._extension.LOADED
@@ -209,14 +211,76 @@ def test_cpu_result_independent_of_thread_count():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_pairs_to_csr_is_symmetric_deduplicated_and_skips_self_pairs():
+def test_pairs_to_csr_is_symmetric_and_sorted():
     pairs = torch.tensor([[0, 2, 2, 1, 3, 0], [2, 0, 2, 3, 1, 2]])
     crow, col = ops.pairs_to_csr(pairs, 5)
-    assert crow.tolist() == [0, 3, 5, 10, 12, 12]  # both directions of all 6 pairs, holes included
+    assert crow.tolist() == [0, 3, 5, 10, 12, 12]  # both directions of all 6 pairs
     rows = torch.repeat_interleave(torch.arange(5), crow.diff())
-    kept = {(r, c) for r, c in zip(rows.tolist(), col.tolist()) if c >= 0}
-    assert kept == {(0, 2), (2, 0), (1, 3), (3, 1)}
-    assert (col >= 0).sum().item() == 4  # duplicates and the self-pair are holes (col = -1)
+    for r in range(5):
+        assert col[crow[r]:crow[r + 1]].tolist() == sorted(col[crow[r]:crow[r + 1]].tolist())
+    # what kernels keep: an entry unlike its predecessor in the row, and not the row itself
+    live = [(r, c) for e, (r, c) in enumerate(zip(rows.tolist(), col.tolist()))
+            if c != r and (e == crow[r] or col[e - 1] != c)]
+    assert sorted(live) == [(0, 2), (1, 3), (2, 0), (3, 1)]
+
+
+# ----------------------------------------------------------------------------- fp32 gradients at small τ (issue 12.3)
+
+
+def _lightly_form(z_a, z_b, tau):
+    """NT-Xent as cross-entropy: each anchor's 2N − 1 logits (itself left out), target its other view."""
+    n = z_a.shape[0]
+    zn = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    logits = (zn @ zn.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z_a.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z_a.device)
+    return F.cross_entropy(logits, target)
+
+
+def _pml_form(z_a, z_b, tau):
+    """NT-Xent as −log(e^pos / (e^pos + Σ_neg e^neg)), shifted by each row's (detached) max:
+    the numerator added to the negatives' sum last."""
+    n = z_a.shape[0]
+    zn = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    x = zn @ zn.T / tau
+    idx = torch.arange(2 * n, device=z_a.device)
+    other = (idx + n) % (2 * n)
+    pos = x[idx, other]
+    neg = x.masked_fill((idx[:, None] == idx[None, :]) | (other[:, None] == idx[None, :]), float("-inf"))
+    top = torch.maximum(pos, neg.amax(dim=1)).detach()
+    num = torch.exp(pos - top)
+    den = torch.exp(neg - top[:, None]).sum(dim=1) + num
+    return -torch.log(num / den).mean()
+
+
+# The C++ kernel of the contrastive pass saves one rounded fp32 lse per row (diff column 0) and
+# its backward forms exp(t·s − lse) from it: 3-4× off lightly's form here. Meeting the rule needs
+# the split LSE (row max and log Σ exp(x − max), as reference._split_logsumexp) saved by the
+# forward of every backend: not done yet, kept visible by a strict xfail.
+_CPU_SPLIT_LSE = pytest.mark.xfail(strict=True, reason="contrastive_fwd saves a rounded fp32 lse: split LSE not yet in the kernels")
+
+
+@pytest.mark.skipif(INTERPRET, reason="the C++ and reference routes: default lane")
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=[
+    pytest.mark.skipif(not HAS_CPU, reason="sslops._C not built"), _CPU_SPLIT_LSE])])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+def test_nt_xent_fp32_gradient_at_small_tau_within_2x_of_peers(backend, seed, noise):
+    """τ = 0.07, N = 64, K = 128, views close enough that each positive dominates its softmax
+    (noise 0.3: p ≈ 1 - 1e-5; 1.0: p ≈ 0.6): the fp32 gradient's error against float64 within
+    2× of lightly's cross-entropy form and of pytorch-metric-learning's form (both written
+    here from their math). Through one rounded LSE the weight p lost ~14 ulp of 1: both
+    routes were 2.5-3× off lightly's and up to 8× off pytorch-metric-learning's."""
+    n, k, tau = 64, 128, 0.07
+    z_a = randn(n, k, seed=seed)
+    z_b = (z_a.double() + noise * randn(n, k, torch.float64, seed=seed + 10)).float()
+    (ga, gb) = loss_and_grads(lambda a, b: sslops.nt_xent_loss(a, b, temperature=tau, backend=backend), (z_a, z_b))[1]
+    _, (ea, eb) = loss_and_grads(lambda a, b: R.nt_xent_loss(a, b, temperature=tau), (z_a.double(), z_b.double()))
+    exact = torch.cat([ea, eb])
+    for peer in (_lightly_form, _pml_form):
+        _, (pa, pb) = loss_and_grads(lambda a, b: peer(a, b, tau), (z_a, z_b))
+        _, (xa, xb) = loss_and_grads(lambda a, b: peer(a, b, tau), (z_a.double(), z_b.double()))
+        torch.testing.assert_close(torch.cat([xa, xb]), exact, rtol=1e-9, atol=1e-12)  # the same loss
+        assert_error_within(torch.cat([ga, gb]), torch.cat([pa, pb]), exact, what=f"{backend} vs {peer.__name__}")
 
 
 # ----------------------------------------------------------------------------- op-level checks (C++ CPU)
@@ -224,32 +288,44 @@ def test_pairs_to_csr_is_symmetric_deduplicated_and_skips_self_pairs():
 needs_cpu = pytest.mark.skipif(not HAS_CPU or INTERPRET, reason="the C++ CPU backend is not built / interpreter lane")
 
 
-def _op_args(kind, n=13, k=6, dtype=torch.float64, requires_grad=False, rs=0, re=None):
+def _op_args(kind, n=13, k=6, dtype=torch.float64, requires_grad=False, rs=0, re=None, m=0, flags=0):
+    """Arguments of sslops::contrastive_fwd (square form) up to ``backend``."""
     z = randn(n, k, dtype, seed=3).requires_grad_(requires_grad)
+    neg = randn(m, k, dtype, seed=4).requires_grad_(requires_grad) if m else None
     rel = relation(kind, n, seed=3)
     labels = rel.get("labels")
     crow = col = None
     if "pairs" in rel:
         crow, col = ops.pairs_to_csr(rel["pairs"], n)
-    return z, labels, crow, col, 0.2, rs, n if re is None else re
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(5.0, dtype=acc, requires_grad=requires_grad)
+    bias = torch.zeros((), dtype=acc)
+    return (z, None, neg, labels, None, crow, col, scale, bias, rs, n if re is None else re, 0, 0, flags, 0.5)
+
+
+OP_FLAGS = {"plain": 0, "moco": ops.NO_INBATCH, "dcl": ops.DECOUPLED, "dclw": ops.DECOUPLED | ops.WEIGHTED}
 
 
 @needs_cpu
 @pytest.mark.parametrize("kind", ("views3", "pairs"))
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_forward(kind, requires_grad):
+@pytest.mark.parametrize("flags", list(OP_FLAGS))
+def test_opcheck_forward(kind, requires_grad, flags):
     for dtype in (torch.float64, torch.float32):
-        args = _op_args(kind, dtype=dtype, requires_grad=requires_grad, rs=2, re=11)
-        torch.library.opcheck(torch.ops.sslops.info_nce_fwd.default, args + ("cpu",))
+        args = _op_args(kind, dtype=dtype, requires_grad=requires_grad, rs=2, re=11, m=3, flags=OP_FLAGS[flags])
+        torch.library.opcheck(torch.ops.sslops.contrastive_fwd.default, args + ("cpu",))
 
 
 @needs_cpu
 @pytest.mark.parametrize("kind", ("views3", "pairs"))
 def test_opcheck_backward(kind):
-    z, labels, crow, col, tau, rs, re = _op_args(kind, rs=2, re=11)
-    loss, count, lse = torch.ops.sslops.info_nce_fwd(z, labels, crow, col, tau, rs, re, "cpu")
-    g = torch.randn(re - rs, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.sslops.info_nce_bwd.default, (g, z, labels, crow, col, count, lse, tau, rs, re, "cpu"))
+    args = _op_args(kind, rs=2, re=11, m=3, flags=ops.DECOUPLED | ops.WEIGHTED)
+    diff, aux, diff_y, _ = torch.ops.sslops.contrastive_fwd(*args, "cpu")
+    g = torch.randn(diff.shape, dtype=torch.float64)
+    z, y, neg, lx, ly, crow, col, scale, bias, rs, re, ys, ye, flags, sigma = args
+    torch.library.opcheck(torch.ops.sslops.contrastive_bwd.default,
+                          (g, torch.zeros_like(diff_y), z, y, neg, lx, ly, crow, col, diff, diff_y, scale, bias, rs, re, ys, ye,
+                           flags, sigma, True, False, True, "cpu"))
 
 
 @needs_cpu
@@ -288,6 +364,191 @@ def test_torch_compile_fullgraph_cpu():
 @needs_cpu
 def test_auto_picks_cpu_on_cpu_tensors():
     assert sslops._backend.resolve("info_nce", "auto", torch.device("cpu")) == "cpu"
+
+
+# ----------------------------------------------------------------------------- negatives, DCL, learnable temperature (§3b)
+
+DECOUPLED = (False, True, "weighted")
+
+
+def options_case(n, k, m, dtype, device, *, kind="two_views", seed=0, neg_grad=False, tau_tensor=False):
+    """(z, negatives or None, relation, temperature): a queue of m rows that may require grad, τ a float or a 0-d tensor."""
+    z = randn(n, k, dtype, device=device, seed=seed)
+    neg = randn(m, k, dtype, device=device, seed=seed + 1) if m else None
+    if neg is not None and neg_grad:
+        neg.requires_grad_()
+    tau = torch.tensor(0.2, device=device, dtype=acc_dtype(dtype)) if tau_tensor else 0.2
+    return z, neg, relation(kind, n, seed=seed, device=device), tau
+
+
+def check_info_nce_options(backend, n, k, m, dtype, device, *, kind="two_views", in_batch=True, decoupled=False, seed=0,
+                           neg_grad=True, tau_tensor=True, grad_tol_scale=1.0):
+    """info_nce_loss with negatives / in_batch_negatives / decoupled / a tensor temperature against the float64
+    reference: loss, dz, dnegatives and dτ (grad_output ≠ 1)."""
+    z, neg, rel, tau = options_case(n, k, m, dtype, device, kind=kind, seed=seed, tau_tensor=tau_tensor)
+    (key, value), = rel.items()
+    tensors = [z] + ([neg] if neg is not None and neg_grad else []) + ([tau] if tau_tensor else [])
+
+    def run(fn, ts, **kw):
+        ts = list(ts)
+        zz = ts.pop(0)
+        q = ts.pop(0) if neg is not None and neg_grad else (None if neg is None else neg.to(zz.device, zz.dtype))
+        t = ts.pop(0) if tau_tensor else tau
+        return fn(zz, **{key: value.to(zz.device)}, temperature=t, negatives=q, in_batch_negatives=in_batch,
+                  decoupled=decoupled, **kw)
+
+    return check_against_reference(lambda *ts: run(sslops.info_nce_loss, ts, backend=backend),
+                                   lambda *ts: run(R.info_nce_loss, ts), tensors, dtype, grad_tol_scale=grad_tol_scale,
+                                   grad_floor=grad_floor(k))
+
+
+def check_nt_xent_options(backend, n, k, m, dtype, device, *, in_batch=True, decoupled=False, seed=0, grad_tol_scale=1.0):
+    z_a, z_b = randn(n, k, dtype, device=device, seed=seed), randn(n, k, dtype, device=device, seed=seed + 1)
+    neg = randn(m, k, dtype, device=device, seed=seed + 2) if m else None
+    tau = torch.tensor(0.3, device=device, dtype=acc_dtype(dtype))
+    tensors = [z_a, z_b, tau] + ([neg] if neg is not None else [])
+
+    def run(fn, a, b, t, *q, **kw):
+        return fn(a, b, temperature=t, negatives=q[0] if q else None, in_batch_negatives=in_batch, decoupled=decoupled, **kw)
+
+    return check_against_reference(lambda *ts: run(sslops.nt_xent_loss, *ts, backend=backend),
+                                   lambda *ts: run(R.nt_xent_loss, *ts), tensors, dtype, grad_tol_scale=grad_tol_scale,
+                                   grad_floor=grad_floor(k))
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ("two_views", "supcon", "pairs"))
+@pytest.mark.parametrize("in_batch,m", [(True, 0), (True, 5), (False, 5)])
+@pytest.mark.parametrize("decoupled", DECOUPLED, ids=str)
+def test_options_every_relation(backend, kind, in_batch, m, decoupled, device):
+    check_info_nce_options(backend, 97, 13, m, torch.float32, device, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m + 3)
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="large sizes: the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k", SIZES)
+@pytest.mark.parametrize("m", (1, 4097))
+def test_queue_every_size(backend, n, k, m, device):
+    """A MoCo queue of M = 1 and 4097 rows (straddling the column tiles), every N and K."""
+    check_info_nce_options(backend, n, k, m, torch.float32, device, seed=n + k + m)
+    check_nt_xent_options(backend, n, k, m, torch.float32, device, in_batch=False, seed=n + k)
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_batch,decoupled", [(True, False), (True, True), (True, "weighted"), (False, False),
+                                                (False, "weighted")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nt_xent_options_dtypes(backend, in_batch, decoupled, dtype, device):
+    low = dtype in (torch.bfloat16, torch.float16)
+    check_nt_xent_options(backend, 37, 19, 11, dtype, device, in_batch=in_batch, decoupled=decoupled, seed=5,
+                          grad_tol_scale=2.0 if low else 1.0)
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_noncontiguous(backend, device):
+    z = randn(41, 17, seed=7, device=device)
+    neg = randn(9, 17, seed=8, device=device)
+    labels = torch.arange(41, device=device) % 13
+    a = sslops.info_nce_loss(noncontiguous(z), labels=labels, negatives=noncontiguous(neg), decoupled=True, backend=backend)
+    b = sslops.info_nce_loss(z, labels=labels, negatives=neg, decoupled=True, backend=backend)
+    torch.testing.assert_close(a, b)
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoupled_without_candidates_is_zero(backend, device):
+    z = randn(6, 4, seed=3, device=device).requires_grad_()
+    loss = sslops.info_nce_loss(z, labels=torch.zeros(6, dtype=torch.long, device=device), decoupled=True, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad).item() == 0
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_positive_tensor_temperature_gives_nan(backend, device):
+    z = randn(8, 3, seed=1, device=device)
+    labels = torch.arange(8, device=device) % 4
+    for tau in (0.0, -0.5):
+        assert torch.isnan(sslops.info_nce_loss(z, labels=labels, temperature=torch.tensor(tau, device=device), backend=backend))
+
+
+@pytestmark_kernels
+@pytest.mark.skipif(INTERPRET, reason="the interpreter lane runs test_triton_*")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_reruns_are_bit_identical(backend, device):
+    z, neg, rel, _ = options_case(300, 40, 70, torch.float32, device, kind="supcon", seed=4)
+    tau = torch.tensor(0.1, device=device)
+
+    def once():
+        zz, qq, tt = z.clone().requires_grad_(), neg.clone().requires_grad_(), tau.clone().requires_grad_()
+        loss = sslops.info_nce_loss(zz, temperature=tt, negatives=qq, decoupled="weighted", backend=backend, **rel)
+        loss.backward()
+        return loss, zz.grad, qq.grad, tt.grad
+
+    first = once()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, once()))
+
+
+@needs_cpu
+def test_gradcheck_options_float64_cpu():
+    z = randn(11, 5, torch.float64, seed=6).requires_grad_()
+    q = randn(4, 5, torch.float64, seed=7).requires_grad_()
+    tau = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    labels = relation("supcon", 11, seed=6)["labels"]
+    pairs = relation("pairs", 11, seed=6)["pairs"]
+    for decoupled in (False, True):  # DCLW's weights are detached: not the derivative gradcheck measures
+        assert torch.autograd.gradcheck(
+            lambda a, b, t: sslops.info_nce_loss(a, labels=labels, temperature=t, negatives=b, decoupled=decoupled,
+                                                 backend="cpu"), (z, q, tau))
+        assert torch.autograd.gradcheck(
+            lambda a, b, t: sslops.info_nce_loss(a, pairs=pairs, temperature=t, negatives=b, decoupled=decoupled,
+                                                 in_batch_negatives=False, backend="cpu"), (z, q, tau))
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_options_cpu():
+    z, neg = randn(37, 9, seed=12), randn(5, 9, seed=13)
+    labels = torch.arange(37) % 12
+    kernel = sslops._backend.kernel_impl("info_nce", "cpu")
+    nt_kernel = sslops._backend.kernel_impl("nt_xent", "cpu")
+
+    def f(z, neg, tau):
+        return (kernel(z, labels, None, temperature=tau, negatives=neg, decoupled="weighted")
+                + nt_kernel(z[:18], z[18:36], temperature=tau, negatives=neg, in_batch_negatives=False))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [z, neg, torch.tensor(0.2)]
+    got, got_grads = loss_and_grads(compiled, args)
+    want, want_grads = loss_and_grads(f, args)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cpu
+def test_autocast_bf16_options():
+    lin = torch.nn.Linear(8, 12)
+    x, q = randn(16, 8, seed=1), randn(6, 12, seed=2)
+    tau = torch.tensor(0.3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = lin(x)
+        assert z.dtype == torch.bfloat16
+        loss = sslops.nt_xent_loss(z[:8], z[8:], temperature=tau, negatives=q.to(torch.bfloat16), backend="cpu")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(lin.weight.grad).all() and torch.isfinite(tau.grad)
+    ref = R.nt_xent_loss(z[:8].double(), z[8:].double(), temperature=0.3, negatives=q.to(torch.bfloat16).double())
+    torch.testing.assert_close(loss.detach().double(), ref.detach(), atol=5e-2, rtol=3e-2)
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter lane)
@@ -348,10 +609,10 @@ def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind, device):
 
     gpu_tiles, seen = tk._tiles, []
 
-    def tiles(kernel, dt, kk, aligned):
+    def tiles(kernel, dt, kk, aligned, member=False):
         with monkeypatch.context() as mp:
             mp.setattr(tk._backend, "interpreting_triton", lambda: False)
-            cfg = gpu_tiles(kernel, dt, kk, aligned)
+            cfg = gpu_tiles(kernel, dt, kk, aligned, member)
         seen.append((kernel, aligned, cfg))
         return cfg
 
@@ -362,12 +623,59 @@ def test_triton_gpu_launch_configs(monkeypatch, dtype, k, kind, device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_gpu_launch_configs_options(monkeypatch, dtype, device):
+    """The GPU launch configurations (as in test_triton_gpu_launch_configs) of the §3b variants:
+    the CSR walk under DCL (fp32's 32-column backward tile), a queue with DCLW, CLIP, SigLIP."""
+    from sslops.triton_kernels import infonce as tk
+    from tests import test_clip, test_siglip
+
+    gpu_tiles, seen = tk._tiles, []
+
+    def tiles(kernel, dt, kk, aligned, member=False):
+        with monkeypatch.context() as mp:
+            mp.setattr(tk._backend, "interpreting_triton", lambda: False)
+            cfg = gpu_tiles(kernel, dt, kk, aligned, member)
+        seen.append((kernel, member, cfg))
+        return cfg
+
+    monkeypatch.setattr(tk, "_tiles", tiles)
+    low = dtype == torch.bfloat16
+    check_info_nce_options("triton", 70, 130, 0, dtype, device, kind="pairs", decoupled=True,
+                           grad_tol_scale=2.0 if low else 1.0)
+    check_info_nce_options("triton", 70, 33, 40, dtype, device, kind="supcon", decoupled="weighted",
+                           grad_tol_scale=2.0 if low else 1.0)
+    test_clip.check("triton", 70, 40, dtype, device, seed=3, labels=True, grad_tol_scale=2.0)
+    test_siglip.check("triton", 70, 40, dtype, device, seed=4, grad_tol_scale=2.0)
+    assert any(m for _, m, _ in seen)  # the CSR walk's variant was launched
+    if dtype == torch.float32:
+        assert any(kern == "backward" and m and cfg[1] == 32 for kern, m, cfg in seen)
+    assert all(cfg[0] >= 32 and cfg[1] >= 32 for _, _, cfg in seen)  # not the interpreter's 16×16
+
+
+@pytest.mark.triton
 def test_triton_no_positive_and_nan(device):
     z = randn(20, 4, seed=2, device=device)
     loss, grad = kernel_loss_and_grad(z, dict(labels=torch.arange(20, device=device)), 0.1, 1.0, "triton")
     assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
     z[3, 1] = float("nan")
     assert torch.isnan(sslops.info_nce_loss(z, labels=torch.arange(20, device=device) % 10, backend="triton"))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind,in_batch,m", [("views3", True, 5), ("pairs", False, 5), ("supcon", True, 0), ("pairs", True, 3)])
+@pytest.mark.parametrize("decoupled", DECOUPLED, ids=str)
+def test_triton_options(kind, in_batch, m, decoupled, device):
+    """Queue negatives (with their gradient), no in-batch negatives, DCL/DCLW (labels and the CSR
+    membership walk), a tensor temperature, under the interpreter's 16×16 blocks."""
+    check_info_nce_options("triton", 21, 5, m, torch.float32, device, kind=kind, in_batch=in_batch, decoupled=decoupled, seed=m)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_triton_nt_xent_queue_dtypes(dtype, device):
+    check_nt_xent_options("triton", 9, 7, 19, dtype, device, in_batch=False, decoupled="weighted", seed=2, grad_tol_scale=2.0)
+    check_nt_xent_options("triton", 9, 7, 19, dtype, device, in_batch=True, decoupled=True, seed=3, grad_tol_scale=2.0)
 
 
 # ----------------------------------------------------------------------------- GPU lane

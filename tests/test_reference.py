@@ -34,8 +34,8 @@ def _spread(g, n, k):
 def _close(actual, expected, tol=1e-10):
     assert isinstance(actual, torch.Tensor)
     assert actual.dtype == F64
-    assert math.isclose(float(actual), expected, rel_tol=tol, abs_tol=tol), (
-        float(actual), expected)
+    assert math.isclose(float(actual.detach()), expected, rel_tol=tol, abs_tol=tol), (
+        float(actual.detach()), expected)
 
 
 # ----------------------------------------------------------------------------- textbook loops
@@ -465,6 +465,203 @@ def test_info_nce_rows_windows_sum_to_full_loss():
     total = torch.cat(pieces).sum() / (torch.cat(piece_counts) > 0).sum()
     _close(total, expected)
     _close(ref.info_nce_loss(z, labels=lab, temperature=0.2), expected)
+
+
+# ----------------------------------------------------------------------------- the contrastive family (conventions §3b)
+# Each peer's formula written out from its definition (our own code, the peer's math), on the
+# same inputs as the reference: open_clip's ClipLoss and SigLipLoss (logits from normalised
+# features), lightly's NTXentLoss with a memory bank, DCL as the paper's Eq. 6 and its authors'
+# code compute it (the −inf mask there is an additive log(1e-45)), DCLW with lightly's weights.
+
+import torch.nn.functional as TF  # noqa: E402
+
+
+def _unit(x):
+    return TF.normalize(x, dim=1)
+
+
+def _open_clip_clip_loss(image_features, text_features, logit_scale):
+    labels = torch.arange(image_features.shape[0])
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    return (TF.cross_entropy(logits_per_image, labels) + TF.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _open_clip_siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    labels = 2 * torch.eye(n, dtype=logits.dtype) - torch.ones(n, n, dtype=logits.dtype)
+    return -TF.logsigmoid(labels * logits).sum() / n
+
+
+def _lightly_memory_bank_nt_xent(out0, out1, bank, tau):
+    out0, out1, bank = _unit(out0), _unit(out1), _unit(bank)
+    sim_pos = (out0 * out1).sum(dim=1, keepdim=True)
+    sim_neg = out0 @ bank.T
+    logits = torch.cat([sim_pos, sim_neg], dim=1) / tau
+    return TF.cross_entropy(logits, torch.zeros(out0.shape[0], dtype=torch.long))
+
+
+def _dcl_one_way(z1, z2, tau, weight_fn=None):
+    z1, z2 = _unit(z1), _unit(z2)
+    n = z1.shape[0]
+    cross = z1 @ z2.T
+    positive = -torch.diag(cross) / tau
+    if weight_fn is not None:
+        positive = positive * weight_fn(z1, z2)
+    negatives = torch.cat([z1 @ z1.T, cross], dim=1) / tau
+    mask = torch.eye(n, dtype=negatives.dtype).repeat(1, 2)
+    return (positive + torch.logsumexp(negatives + mask * math.log(1e-45), dim=1)).mean()
+
+
+def _lightly_dclw_weights(z1, z2, sigma=0.5):
+    similarity = (z1.detach() * z2.detach()).sum(dim=1) / sigma
+    return 2 - z1.shape[0] * torch.softmax(similarity, dim=0)
+
+
+def _moco_queue_loop(z, labels, queue, tau, decoupled=False, in_batch=True):
+    """(loss) InfoNCE with extra negatives by explicit loops over anchors and candidates."""
+    n = len(z)
+    unit = [[v / max(math.sqrt(sum(w * w for w in row)), 1e-12) for v in row] for row in z]
+    qunit = [[v / max(math.sqrt(sum(w * w for w in row)), 1e-12) for v in row] for row in queue]
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    total, anchors = 0.0, 0
+    for i in range(n):
+        pos = [j for j in range(n) if j != i and labels[j] == labels[i]]
+        den = [j for j in range(n) if j != i and (in_batch and not (decoupled and j in pos) or (not in_batch and not decoupled and j in pos))]
+        terms = [dot(unit[i], unit[j]) / tau for j in den] + [dot(unit[i], q) / tau for q in qunit]
+        if not pos or not terms:
+            continue
+        lse = math.log(sum(math.exp(t) for t in terms))
+        total += lse - sum(dot(unit[i], unit[p]) / tau for p in pos) / len(pos)
+        anchors += 1
+    return total / anchors if anchors else 0.0
+
+
+@pytest.mark.parametrize("seed,n,k,scale", [(60, 1, 3, 14.3), (61, 5, 4, 1 / 0.07), (62, 9, 2, 100.0)])
+def test_clip_is_open_clip_clip_loss(seed, n, k, scale):
+    g = _gen(seed)
+    a, b = _randn(g, n, k).requires_grad_(), _randn(g, n, k).requires_grad_()
+    ours = ref.clip_loss(a, b, scale)
+    theirs = _open_clip_clip_loss(_unit(a), _unit(b), scale)
+    _close(ours, float(theirs.detach()))
+    ga, gb = torch.autograd.grad(ours, (a, b))
+    ta, tb = torch.autograd.grad(theirs, (a, b))
+    torch.testing.assert_close(ga, ta, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gb, tb, atol=1e-12, rtol=1e-10)
+    # normalize=False uses the features as given, exactly open_clip's convention
+    ua, ub = _unit(a.detach()), _unit(b.detach())
+    _close(ref.clip_loss(ua, ub, scale, normalize=False), float(_open_clip_clip_loss(ua, ub, scale)))
+
+
+def test_clip_with_labels_is_l_out_both_ways():
+    # labels [0, 0, 1]: a_0 and a_1 have positives {b_0, b_1}, a_2 has {b_2}; column-wise the same.
+    g = _gen(63)
+    a, b = _randn(g, 3, 4), _randn(g, 3, 4)
+    labels = torch.tensor([0, 0, 1])
+    t = 3.0
+    logits = t * _unit(a) @ _unit(b).T
+    pos = [[0, 1], [0, 1], [2]]
+
+    def ce(rows):
+        return sum(torch.logsumexp(rows[i], 0) - sum(rows[i][p] for p in pos[i]) / len(pos[i]) for i in range(3)) / 3
+
+    _close(ref.clip_loss(a, b, t, labels=labels), float(0.5 * (ce(logits) + ce(logits.T))))
+    # unique labels reproduce the label-free loss
+    _close(ref.clip_loss(a, b, t, labels=torch.tensor([5, 2, 9])), float(ref.clip_loss(a, b, t)))
+
+
+@pytest.mark.parametrize("seed,n,k,scale,bias", [(64, 1, 3, 10.0, -10.0), (65, 6, 5, 10.0, -10.0), (66, 7, 2, 2.5, 0.3)])
+def test_siglip_is_open_clip_siglip_loss(seed, n, k, scale, bias):
+    g = _gen(seed)
+    a, b = _randn(g, n, k).requires_grad_(), _randn(g, n, k).requires_grad_()
+    ours = ref.siglip_loss(a, b, scale, bias)
+    theirs = _open_clip_siglip_loss(_unit(a), _unit(b), scale, bias)
+    _close(ours, float(theirs.detach()))
+    for got, want in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(theirs, (a, b))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_siglip_with_labels_by_loop():
+    g = _gen(67)
+    a, b = _randn(g, 4, 3), _randn(g, 4, 3)
+    labels = [1, 0, 1, 2]
+    t, bias = 4.0, -1.5
+    s = (_unit(a) @ _unit(b).T).tolist()
+    expected = sum(math.log1p(math.exp(-(1 if labels[i] == labels[j] else -1) * (t * s[i][j] + bias)))
+                   for i in range(4) for j in range(4)) / 4
+    _close(ref.siglip_loss(a, b, t, bias, labels=torch.tensor(labels)), expected)
+
+
+def test_siglip_rows_window_and_learnable_scale_bias():
+    g = _gen(68)
+    a, b = _randn(g, 6, 3), _randn(g, 6, 3)
+    t = torch.tensor(7.0, dtype=F64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=F64, requires_grad=True)
+    full = ref.siglip_loss(a, b, t, bias)
+    parts = torch.cat([ref.siglip_rows(a[s:e], b, t, bias, row_offset=s) for s, e in [(0, 2), (2, 6)]])
+    _close(parts.sum() / 6, float(full.detach()))
+    assert torch.autograd.gradcheck(lambda ts, bs: ref.siglip_loss(a, b, ts, bs), (t, bias))
+
+
+@pytest.mark.parametrize("seed,n,m,tau", [(70, 1, 3, 0.2), (71, 5, 1, 0.07), (72, 6, 9, 0.5)])
+def test_memory_bank_nt_xent_is_lightly_and_moco(seed, n, m, tau):
+    g = _gen(seed)
+    a, b, bank = _randn(g, n, 4), _randn(g, n, 4), _randn(g, m, 4)
+    ours = ref.nt_xent_loss(a, b, temperature=tau, negatives=bank, in_batch_negatives=False)
+    _close(ours, float(_lightly_memory_bank_nt_xent(a, b, bank, tau)))
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_info_nce_with_queue_matches_loops(decoupled, in_batch):
+    g = _gen(73)
+    labels = [0, 1, 0, 2, 2, 2, 3]
+    z, queue = _randn(g, 7, 3), _randn(g, 4, 3)
+    expected = _moco_queue_loop(z.tolist(), labels, queue.tolist(), 0.3, decoupled=decoupled, in_batch=in_batch)
+    got = ref.info_nce_loss(z, labels=torch.tensor(labels), temperature=0.3, negatives=queue,
+                            in_batch_negatives=in_batch, decoupled=decoupled)
+    _close(got, expected)
+
+
+@pytest.mark.parametrize("seed,n,tau", [(74, 2, 0.1), (75, 6, 0.5), (76, 9, 0.2)])
+def test_decoupled_nt_xent_is_published_dcl(seed, n, tau):
+    g = _gen(seed)
+    a, b = _randn(g, n, 5).requires_grad_(), _randn(g, n, 5).requires_grad_()
+    ours = ref.nt_xent_loss(a, b, temperature=tau, decoupled=True)
+    theirs = 0.5 * (_dcl_one_way(a, b, tau) + _dcl_one_way(b, a, tau))
+    _close(ours, float(theirs.detach()))
+    for got, want in zip(torch.autograd.grad(ours, (a, b)), torch.autograd.grad(theirs, (a, b))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    weighted = ref.nt_xent_loss(a, b, temperature=tau, decoupled="weighted")
+    theirs_w = 0.5 * (_dcl_one_way(a, b, tau, _lightly_dclw_weights) + _dcl_one_way(b, a, tau, _lightly_dclw_weights))
+    _close(weighted, float(theirs_w.detach()))
+    for got, want in zip(torch.autograd.grad(weighted, (a, b)), torch.autograd.grad(theirs_w, (a, b))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_decoupled_anchor_without_candidates_leaves_the_mean():
+    # labels [0, 0, 0]: every in-batch row is a positive; decoupled with no extra negatives
+    # leaves no candidate, so no anchor counts and the loss is 0 with zero gradient.
+    z = _randn(_gen(77), 3, 2).requires_grad_()
+    loss = ref.info_nce_loss(z, labels=torch.tensor([0, 0, 0]), decoupled=True)
+    assert float(loss) == 0.0
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+    # one extra negative brings every anchor back: ℓ_i = s_iq/τ − mean_p s_ip/τ
+    q = _randn(_gen(78), 1, 2)
+    u, uq = _unit(z.detach()), _unit(q)
+    expected = sum(float(u[i] @ uq[0] / 0.1 - sum(u[i] @ u[p] for p in range(3) if p != i) / 2 / 0.1) for i in range(3)) / 3
+    _close(ref.info_nce_loss(z.detach(), labels=torch.tensor([0, 0, 0]), decoupled=True, negatives=q), expected)
+
+
+def test_tensor_temperature_gradient():
+    g = _gen(79)
+    z = _randn(g, 6, 3)
+    tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.autograd.gradcheck(lambda t: ref.info_nce_loss(z, labels=labels, temperature=t, negatives=z[:2] + 1), (tau,))
+    assert torch.autograd.gradcheck(lambda t: ref.clip_loss(z[:3], z[3:], t), (tau,))
 
 
 # ----------------------------------------------------------------------------- matrix log

@@ -119,26 +119,56 @@ INFONCE_SHAPES = {"aligned": (1024, 256, ("fp32-ieee", "bf16", "fp16", "fp64")),
 INFONCE_NO_SPILL = {"fp32-ieee", "bf16", "fp16"}
 
 
+# The variants of the contrastive pass (sslops/ops/infonce.py): (name, square, flags, relation, negatives).
+# Each compiles its own specialisation of the forward and backward kernels.
+INFONCE_VARIANTS = {
+    "aligned": ("labels", "pairs", "pairs-dcl", "labels-dclw-queue", "clip", "siglip"),
+    "odd-wide": ("labels", "pairs-dcl", "clip", "siglip"),
+}
+
+
+def _infonce_variant(name, z, m, labels, crow, col):
+    """(x, y, negatives, labels_x, labels_y, crow, col, flags) of one variant."""
+    from sslops.ops import infonce as ops
+
+    y = z.flip(0)
+    return {
+        "labels": (z, None, None, labels, None, None, None, 0),
+        "pairs": (z, None, None, None, None, crow, col, 0),
+        "pairs-dcl": (z, None, None, None, None, crow, col, ops.DECOUPLED),
+        "labels-dclw-queue": (z, None, z[: m // 4], labels, None, None, None, ops.DECOUPLED | ops.WEIGHTED),
+        "clip": (z, y, None, labels, labels, None, None, ops.BIDIR),
+        "siglip": (z, y, None, labels, labels, None, None, ops.SIGMOID),
+    }[name]
+
+
 @pytest.mark.parametrize("shape", list(INFONCE_SHAPES))
 def test_infonce_kernels_compile_for_sm90(session, record_property, shape):
-    """Forward and backward, label relation and sparse pairs (CSR); fp32 is IEEE only (the
-    launcher never uses TF32 for the similarities)."""
+    """Forward and backward of the contrastive pass: label and CSR relations (the CSR's
+    membership search under DCL), a queue with DCLW, CLIP's two directions, SigLIP; fp32 is
+    IEEE only (the launcher never uses TF32 for the similarities)."""
     m, k, labels_wanted = INFONCE_SHAPES[shape]
     labels = torch.arange(m) % (m // 2)
     g = torch.Generator().manual_seed(1)
     crow, col = pairs_to_csr(torch.randint(0, m, (2, 2 * m), generator=g), m)
+    scale, bias = torch.tensor(10.0), torch.tensor(-1.0)
     for label, dtype, prec in DTYPES:
         if label not in labels_wanted:
             continue
         (z,) = _inputs((m, k), dtype, count=1)
         with session.label(label):
-            for lab, cr, co in ((labels, None, None), (None, crow, col)):
-                _, cnt, lse = infonce.info_nce_forward(z, lab, cr, co, 0.1, 0, m)
-                infonce.info_nce_backward(torch.ones(m), z, lab, cr, co, cnt, lse, 0.1, 0, m)
+            for variant in INFONCE_VARIANTS[shape]:
+                x, y, neg, lx, ly, cr, co, flags = _infonce_variant(variant, z, m, labels, crow, col)
+                ny = 0 if y is None else y.shape[0]
+                diff_x, _, diff_y, _ = infonce.contrastive_forward(x, y, neg, lx, ly, cr, co, scale, bias, 0, m, 0, ny,
+                                                                   flags, 0.5)
+                infonce.contrastive_backward(torch.ones(m, 3), torch.ones(diff_y.shape[0], 3), x, y, neg, lx, ly, cr, co,
+                                             diff_x, diff_y, scale, bias, 0, m, 0, ny, flags, 0.5, True, y is not None,
+                                             neg is not None)
     records = _check(session, infonce, record_property)
     # Asserted at both shapes: no spills in any fp32/bf16/fp16 kernel (0 bytes under triton
-    # 3.6 and 3.8 with the launch configurations of infonce._tiles, chosen for that on
-    # 2026-11-22), so a spill is a regression of a tuned block. fp64 spills are only printed.
+    # 3.6 and 3.8 with the launch configurations of infonce._tiles), so a spill is a
+    # regression of a tuned block. fp64 spills are only printed.
     spilling = [r for r in records if set(r.variants) & INFONCE_NO_SPILL and r.spills]
     assert not spilling, "fp32/bf16/fp16 InfoNCE kernels spill:\n" + sm90.format_table(spilling)
 

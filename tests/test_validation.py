@@ -199,3 +199,80 @@ def test_non_finite_input_gives_nan_by_default_and_error_in_debug():
             sslops.info_nce_loss(bad, labels=LABELS)
     finally:
         sslops.set_debug(False)
+
+
+# ----------------------------------------------------------------------------- the contrastive family (conventions §3b)
+
+
+@pytest.mark.parametrize("name,fn", [("info_nce_loss", lambda z, **kw: sslops.info_nce_loss(z, labels=LABELS, **kw)),
+                                     ("nt_xent_loss", lambda z, **kw: sslops.nt_xent_loss(z, Z2, **kw))])
+class TestQueueAndDecoupledInputs:
+    def test_negatives_of_another_k(self, name, fn):
+        with pytest.raises(ValueError, match=r"negatives must have the 4 features"):
+            fn(Z, negatives=torch.randn(3, 5))
+
+    def test_negatives_of_another_dtype(self, name, fn):
+        with pytest.raises(TypeError, match="negatives must have the dtype"):
+            fn(Z, negatives=torch.randn(3, 4, dtype=torch.float64))
+
+    def test_negatives_on_another_device(self, name, fn):
+        with pytest.raises(ValueError, match="negatives must be on the device"):
+            fn(Z, negatives=torch.randn(3, 4, device="meta"))
+
+    def test_negatives_wrong_rank_or_type(self, name, fn):
+        with pytest.raises(ValueError, match=r"negatives must have shape \(M, K\)"):
+            fn(Z, negatives=torch.randn(12))
+        with pytest.raises(TypeError, match="negatives must be a torch.Tensor"):
+            fn(Z, negatives=[[0.0] * 4])
+
+    def test_no_in_batch_negatives_needs_negatives(self, name, fn):
+        with pytest.raises(ValueError, match="in_batch_negatives=False needs negatives"):
+            fn(Z, in_batch_negatives=False)
+        with pytest.raises(ValueError, match="in_batch_negatives=False needs negatives"):
+            fn(Z, in_batch_negatives=False, negatives=torch.randn(0, 4))
+        with pytest.raises(TypeError, match="in_batch_negatives must be True or False"):
+            fn(Z, in_batch_negatives=1, negatives=torch.randn(3, 4))
+
+    def test_decoupled_choices(self, name, fn):
+        for bad in ("yes", 1, None):
+            with pytest.raises(ValueError, match="decoupled must be False, True or 'weighted'"):
+                fn(Z, decoupled=bad)
+
+    def test_tensor_temperature_shape_and_device(self, name, fn):
+        with pytest.raises(ValueError, match="temperature must be a float or a 0-d tensor"):
+            fn(Z, temperature=torch.ones(2))
+        with pytest.raises(TypeError, match="temperature must be a float or a 0-d floating tensor"):
+            fn(Z, temperature=torch.tensor(1))
+        with pytest.raises(ValueError, match="temperature must be on the same device"):
+            fn(Z, temperature=torch.tensor(0.5, device="meta"))
+
+    def test_tensor_temperature_checked_in_debug_mode(self, name, fn):
+        assert torch.isnan(fn(Z, temperature=torch.tensor(-0.5)))  # no host sync: a NaN loss
+        sslops.set_debug(True)
+        try:
+            with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+                fn(Z, temperature=torch.tensor(-0.5))
+        finally:
+            sslops.set_debug(False)
+
+
+def test_negative_queue_module_policy():
+    with pytest.raises(ValueError, match="size must be an int >= 1"):
+        sslops.nn.NegativeQueue(0, 4)
+    with pytest.raises(ValueError, match="dim must be an int >= 1"):
+        sslops.nn.NegativeQueue(8, 0)
+    queue = sslops.nn.NegativeQueue(5, 4)
+    with pytest.raises(ValueError, match=r"keys must be a \(B, 4\) tensor"):
+        queue.enqueue(torch.randn(3, 5))
+    assert queue.negatives.shape == (0, 4)
+    keys = torch.randn(7, 4)
+    queue.enqueue(keys[:3])
+    assert torch.equal(queue.negatives, keys[:3])
+    queue.enqueue(keys[3:])  # 4 more: the oldest two are replaced, the queue is full
+    assert queue.negatives.shape == (5, 4)
+    assert sorted(map(tuple, queue.negatives.tolist())) == sorted(map(tuple, keys[2:].tolist()))
+    restored = sslops.nn.NegativeQueue(5, 4)
+    restored.load_state_dict(queue.state_dict())
+    assert torch.equal(restored.negatives, queue.negatives)
+    restored.enqueue(keys[:1])
+    assert restored.negatives.shape == (5, 4) and int(restored.position) == (7 + 1) % 5

@@ -27,6 +27,11 @@ TOLERANCES = {
 }
 
 
+def acc_dtype(dtype):
+    """The accumulation (and loss) dtype sslops uses for inputs of ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def randn(n, k, dtype=torch.float32, device="cpu", seed=0, scale=1.0, shift=0.0):
     """Fresh (n, k) normal samples, made in float64 on the CPU so every backend sees the same values."""
     g = torch.Generator().manual_seed(seed)
@@ -121,3 +126,52 @@ def assert_kernel_within_rule(kernel_fn, naive_fn, tensors, *, grad_out=1.0, fac
         err, _, bound = assert_error_within(k, n, e, factor=factor, what=f"{what} {name}")
         worst = max(worst, err / bound if bound > 0 else 0.0)
     return worst
+
+
+# With K = 1 a normalised row is ±1 and the exact gradient of the rows is 0: what a kernel (or
+# naive PyTorch) returns there is the rounding of the gradient before the normalisation's
+# projection, divided by the row's norm (amplified for short rows). Tests at K = 1 compare
+# against this absolute floor instead of the (zero) reference gradient.
+K1_GRAD_FLOOR = 1.0
+
+
+def grad_floor(k):
+    """The ``grad_floor`` of :func:`check_against_reference` for inputs of K features."""
+    return K1_GRAD_FLOOR if k == 1 else 1e-3
+
+
+def loss_and_grads(fn, tensors, scale=1.7):
+    """``(loss, grads)`` of ``scale·fn(*leaves)``: fresh leaves of ``tensors``, a gradient for each
+    floating one (``None`` where the loss does not depend on it); integer tensors pass as they are."""
+    leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in tensors]
+    loss = fn(*leaves)
+    wanted = [t for t in leaves if t.is_floating_point()]
+    grads = torch.autograd.grad(loss * scale, wanted, allow_unused=True)
+    return loss.detach(), grads
+
+
+def check_against_reference(kernel_fn, reference_fn, tensors, dtype, *, grad_tol_scale=1.0, scale=1.7, grad_floor=1e-3):
+    """Loss and every gradient of ``kernel_fn(*tensors)`` against ``reference_fn`` on float64 CPU copies.
+
+    Per-dtype tolerances (``TOLERANCES[dtype]``); a gradient is compared against its own
+    largest entry, floored at ``grad_floor`` (with K = 1 or symmetric inputs the exact gradient
+    may be 0 and only rounding of the gradient before the normalisation's projection remains,
+    whose size is the loss's), with ``grad_output = scale ≠ 1``.
+    """
+    loss, grads = loss_and_grads(kernel_fn, tensors, scale)
+    wide = [t.detach().double().cpu() if t.is_floating_point() else t.cpu() for t in tensors]
+    ref_loss, ref_grads = loss_and_grads(reference_fn, wide, scale)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), loss.dtype
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=atol, rtol=rtol, msg=lambda m: f"loss: {m}")
+    floating = [t for t in tensors if t.is_floating_point()]
+    for index, (t, got, want) in enumerate(zip(floating, grads, ref_grads)):
+        if want is None:
+            assert got is None or not got.abs().max() > 0, f"gradient {index}: expected none"
+            continue
+        assert got is not None, f"gradient {index}: missing"
+        assert got.dtype == t.dtype and got.shape == t.shape, (index, got.dtype, got.shape)
+        gscale = max(want.abs().max().item(), grad_floor)
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol * gscale * 10 * grad_tol_scale,
+                                   rtol=rtol * grad_tol_scale, msg=lambda m, i=index: f"gradient {i}: {m}")
+    return loss, ref_loss

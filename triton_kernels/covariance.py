@@ -134,38 +134,47 @@ def _col_stats_kernel(z, other, pmean, pm2, psq, N, K, CHUNK, HAS_OTHER: tl.cons
     """Statistics of one (row chunk, column block) of z, rows [c·CHUNK, min((c+1)·CHUNK, N)):
     pmean[c, k] = chunk mean, pm2[c, k] = Σ (z - chunk mean)² (two passes over the chunk's rows,
     no Σz² - n·mean² cancellation); with HAS_OTHER the first pass also sums psq[c, k] = Σ (z - other)²
-    while z's tile is in registers. With one chunk these are the column mean, m2 and sq."""
+    while z's tile is in registers. With one chunk these are the column mean, m2 and sq.
+
+    Precision (as csrc/cpu/column_reduce.h): the first pass sums in float64 (the mean is then
+    exact to its last rounding even when |mean| ≫ std); the second centres on that mean rounded
+    to acc_t, u, and also sums v = Σ (z - u), so m2 = Σ (z - u)² - v²/n (Chan, Golub & LeVeque's
+    corrected two-pass algorithm). Each tile's sums are in acc_t and the tiles' in float64, so
+    the error does not grow with the chunk's length. pmean is float64 when the chunks are merged."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
-    acc_t = pmean.dtype.element_ty
+    acc_t = pm2.dtype.element_ty
     r_lo = c * CHUNK
     r_hi = tl.minimum(r_lo + CHUNK, N)
-    s = tl.zeros([BLOCK_K], acc_t)
-    e = tl.zeros([BLOCK_K], acc_t)
+    s = tl.zeros([BLOCK_K], tl.float64)
+    e = tl.zeros([BLOCK_K], tl.float64)
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < r_hi) & cmask[None, :]
         off = rows[:, None].to(tl.int64) * K + cols[None, :]
         x = tl.load(z + off, mask=m, other=0.0).to(acc_t)
-        s += tl.sum(x, 0)
+        s += tl.sum(x.to(tl.float64), 0)
         if HAS_OTHER:
             d = x - tl.load(other + off, mask=m, other=0.0).to(acc_t)
-            e += tl.sum(d * d, 0)
+            e += tl.sum(d * d, 0).to(tl.float64)
     out = c.to(tl.int64) * K + cols
     if HAS_OTHER:
-        tl.store(psq + out, e, mask=cmask)
+        tl.store(psq + out, e.to(acc_t), mask=cmask)
     mu = s / (r_hi - r_lo)
-    q = tl.zeros([BLOCK_K], acc_t)
+    u = mu.to(acc_t)
+    v = tl.zeros([BLOCK_K], tl.float64)
+    q = tl.zeros([BLOCK_K], tl.float64)
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < r_hi) & cmask[None, :]
         x = tl.load(z + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0).to(acc_t)
-        d = tl.where(m, x - mu[None, :], 0.0)
-        q += tl.sum(d * d, 0)
-    tl.store(pmean + out, mu, mask=cmask)
-    tl.store(pm2 + out, q, mask=cmask)
+        d = tl.where(m, x - u[None, :], 0.0)
+        v += tl.sum(d, 0).to(tl.float64)
+        q += tl.sum(d * d, 0).to(tl.float64)
+    tl.store(pmean + out, mu.to(pmean.dtype.element_ty), mask=cmask)
+    tl.store(pm2 + out, (q - v * v / (r_hi - r_lo)).to(acc_t), mask=cmask)
 
 
 @triton.jit
@@ -173,28 +182,29 @@ def _chan_merge_kernel(pmean, pm2, psq, mean, m2, sq, N, K, CHUNK, CHUNKS, HAS_O
     """Merge the per-chunk (count n_c, mean_c, m2_c) of _col_stats_kernel, chunks in index order:
     mean = Σ_c n_c·mean_c / N,  m2 = Σ_c [m2_c + n_c·(mean_c - mean)²]  (Chan et al.'s pairwise
     update applied to all chunks at once: every term is a centred square, no cancellation),
-    sq = Σ_c sq_c. A NaN in any chunk reaches mean and m2."""
+    sq = Σ_c sq_c, in float64 (the chunk means are float64: rounded to fp32 near 1e5 they would
+    spoil the n_c·(mean_c - mean)² terms). A NaN in any chunk reaches mean and m2."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     cols64 = cols.to(tl.int64)
     acc_t = mean.dtype.element_ty
-    s = tl.zeros([BLOCK_K], acc_t)
-    e = tl.zeros([BLOCK_K], acc_t)
+    s = tl.zeros([BLOCK_K], tl.float64)
+    e = tl.zeros([BLOCK_K], tl.float64)
     for c in range(0, CHUNKS):
         off = c * K + cols64
         s += tl.minimum(CHUNK, N - c * CHUNK) * tl.load(pmean + off, mask=cmask, other=0.0)
         if HAS_OTHER:
-            e += tl.load(psq + off, mask=cmask, other=0.0)
+            e += tl.load(psq + off, mask=cmask, other=0.0).to(tl.float64)
     mu = s / N
-    q = tl.zeros([BLOCK_K], acc_t)
+    q = tl.zeros([BLOCK_K], tl.float64)
     for c in range(0, CHUNKS):
         off = c * K + cols64
         d = tl.load(pmean + off, mask=cmask, other=0.0) - mu
-        q += tl.load(pm2 + off, mask=cmask, other=0.0) + tl.minimum(CHUNK, N - c * CHUNK) * d * d
-    tl.store(mean + cols, mu, mask=cmask)
-    tl.store(m2 + cols, q, mask=cmask)
+        q += tl.load(pm2 + off, mask=cmask, other=0.0).to(tl.float64) + tl.minimum(CHUNK, N - c * CHUNK) * d * d
+    tl.store(mean + cols, mu.to(acc_t), mask=cmask)
+    tl.store(m2 + cols, q.to(acc_t), mask=cmask)
     if HAS_OTHER:
-        tl.store(sq + cols, e, mask=cmask)
+        tl.store(sq + cols, e.to(acc_t), mask=cmask)
 
 
 @triton.jit
@@ -211,15 +221,15 @@ def _col_dot_kernel(za, ma, sa, zb, mb, sb, out, N, K, CHUNK, BLOCK_N: tl.conste
     scb = tl.load(sb + cols, mask=cmask, other=0.0)
     r_lo = c * CHUNK
     r_hi = tl.minimum(r_lo + CHUNK, N)
-    s = tl.zeros([BLOCK_K], acc_t)
+    s = tl.zeros([BLOCK_K], tl.float64)  # tiles added in float64: error independent of the chunk's length
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < r_hi) & cmask[None, :]
         off = rows[:, None].to(tl.int64) * K + cols[None, :]
         a = (tl.load(za + off, mask=m, other=0.0).to(acc_t) - mua[None, :]) * sca[None, :]
         b = (tl.load(zb + off, mask=m, other=0.0).to(acc_t) - mub[None, :]) * scb[None, :]
-        s += tl.sum(tl.where(m, a * b, 0.0), 0)
-    tl.store(out + c.to(tl.int64) * K + cols, s, mask=cmask)
+        s += tl.sum(tl.where(m, a * b, 0.0), 0).to(tl.float64)
+    tl.store(out + c.to(tl.int64) * K + cols, s.to(acc_t), mask=cmask)
 
 
 @triton.jit
@@ -343,18 +353,19 @@ def _apply_kernel(z, mz, sz, mat, sm0, sm1, ez, emz, esz, eo, w, coef, out, N, K
 
 @triton.jit
 def _bn_col_sums(d, z, mz, sz, r_lo, r_hi, cols, cmask, N, K, BLOCK_N: tl.constexpr):
-    """(Σ d, Σ d ⊙ Ẑ) per column over rows [r_lo, r_hi): the column sums of batch-norm's backward."""
+    """(Σ d, Σ d ⊙ Ẑ) per column over rows [r_lo, r_hi): the column sums of batch-norm's backward
+    (each tile's in acc_t, the tiles' in float64: the error does not grow with the rows)."""
     acc_t = d.dtype.element_ty
-    s1 = tl.zeros(cols.shape, acc_t)
-    s2 = tl.zeros(cols.shape, acc_t)
+    s1 = tl.zeros(cols.shape, tl.float64)
+    s2 = tl.zeros(cols.shape, tl.float64)
     for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         m = (rows[:, None] < r_hi) & cmask[None, :]
         dv = tl.load(d + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m, other=0.0)
         zh = _load_hat(z, mz, sz, rows[:, None], cols[None, :], N, K, True, acc_t)
-        s1 += tl.sum(dv, 0)
-        s2 += tl.sum(dv * zh, 0)
-    return s1, s2
+        s1 += tl.sum(dv, 0).to(tl.float64)
+        s2 += tl.sum(dv * zh, 0).to(tl.float64)
+    return s1.to(acc_t), s2.to(acc_t)
 
 
 @triton.jit
@@ -452,9 +463,9 @@ def _col_stats(z, other=None):
     col_blocks = triton.cdiv(k, bk)
     chunk, chunks = _row_chunks(n, col_blocks, bn, z.device)
     has_other = other is not None
-    pmean = torch.empty((chunks, k), dtype=acc, device=z.device)
+    pmean = torch.empty((chunks, k), dtype=acc if chunks == 1 else torch.float64, device=z.device)
     pm2 = torch.empty((chunks, k), dtype=acc, device=z.device)
-    psq = torch.empty((chunks, k), dtype=acc, device=z.device) if has_other else pmean
+    psq = torch.empty((chunks, k), dtype=acc, device=z.device) if has_other else pm2
     _col_stats_kernel[(col_blocks, chunks)](z, other if has_other else z, pmean, pm2, psq, n, k, chunk,
                                             HAS_OTHER=has_other, BLOCK_N=bn, BLOCK_K=bk)
     if chunks == 1:
@@ -494,6 +505,13 @@ def _col_dot(za, ma, sa, zb, mb, sb):
     out = torch.empty((chunks, k), dtype=ma.dtype, device=za.device)
     _col_dot_kernel[(col_blocks, chunks)](za, ma, sa, zb, mb, sb, out, n, k, chunk, BLOCK_N=bn, BLOCK_K=bk)
     return out[0] if chunks == 1 else out.sum(0)
+
+
+def _barlow_diag(z_a, mean_a, rstd_a, z_b, mean_b, rstd_b):
+    """c_kk = Σ_n Â_nk B̂_nk / N: the rows scaled by rstd alone and the sum divided by N once. Scaled
+    by rstd/√N on each side, the two roundings of 1/√N biased every c_kk alike, and Barlow's
+    on-diagonal term Σ (c_kk - 1)² (c_kk near 1) was 2.5× farther from float64 than plain PyTorch's."""
+    return _col_dot(z_a, mean_a, rstd_a.contiguous(), z_b, mean_b, rstd_b.contiguous()) / z_a.shape[0]
 
 
 def _product(a, b, gram, precision, *, second=None, skip_diag=False, sym=False, store=False, reduce=True):
@@ -599,7 +617,7 @@ def barlow_twins_forward(z_a, z_b, lambd, eps, route, save, precision):
     rstd_b = torch.rsqrt(m2_b / n + eps)
     va = (z_a, mean_a, rstd_a / math.sqrt(n))
     vb = (z_b, mean_b, rstd_b / math.sqrt(n))
-    diag = _col_dot(*va, *vb)
+    diag = _barlow_diag(z_a, mean_a, rstd_a, z_b, mean_b, rstd_b)
     on = (diag - 1.0).pow(2).sum()
     if _use_gram(route, 4 * n, 3 * k):
         parts, prod_a, prod_b = _product(va, va, True, precision, second=(vb, vb), sym=True, store=save)
@@ -619,7 +637,7 @@ def barlow_twins_backward(grad, z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, prod_a
     g = grad.to(acc)
     va = (z_a, mean_a, (rstd_a / math.sqrt(n)).contiguous())
     vb = (z_b, mean_b, (rstd_b / math.sqrt(n)).contiguous())
-    diag = _col_dot(*va, *vb)
+    diag = _barlow_diag(z_a, mean_a, rstd_a, z_b, mean_b, rstd_b)
     w = (g * (2.0 * (1.0 - lambd) * diag - 2.0)).contiguous()
     c = (g * (2.0 * lambd)).reshape(1).contiguous()
     d_a = torch.empty((n, k), dtype=acc, device=z_a.device)

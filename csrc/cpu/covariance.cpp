@@ -85,6 +85,12 @@ int64_t block_rows(int64_t n, int64_t k, int64_t buffers) {
 // With `other` (same shape, contiguous) and !have_mean, the pass that sums the columns also
 // accumulates sq_k = Σ_n (z_nk - other_nk)² (VICReg's invariance term): only `other` is read
 // extra. The statistics are column_slice_moments' (column_reduce.h): thread-count independent.
+// The mean is exact before it is rounded to the accumulation type; out is centred on the exact
+// mean, out = ((z - mean) - r)·scale with r = exact mean − mean, so its columns sum to zero up
+// to rounding. Centred on the rounded mean alone (off by up to half an ulp of |mean|: 0.004
+// near 1e5), every column of out carried that offset, and VICReg's gradient, which omits the
+// centring projection because Âᵀ1 = 0, kept it (10× plain PyTorch's error at a shift of 1e5).
+// With have_mean, r is recomputed: one more (blocked) pass over z.
 template <typename scalar_t, typename ScaleF>
 void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>* mean, acc_t<scalar_t>* m2,
                        acc_t<scalar_t>* out, const ScaleF& scale, bool have_mean, const scalar_t* other = nullptr,
@@ -92,12 +98,15 @@ void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>*
   using acc = acc_t<scalar_t>;
   parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<acc> s(w, acc(0)), q(w, acc(0)), f(w);
+    std::vector<acc> s(w, acc(0)), q(w, acc(0)), f(w), res(w);
     if (have_mean) {
       for (int64_t c = 0; c < w; ++c) s[c] = mean[c0 + c];
+      std::vector<double> dev(w);
+      column_sums<acc, 1>(n, w, dev.data(), [&](int64_t r, int64_t c, acc* t) { t[0] = static_cast<acc>(z[r * k + c0 + c]) - s[c]; });
+      for (int64_t c = 0; c < w; ++c) res[c] = static_cast<acc>(dev[c] / static_cast<double>(n));
     } else {
       std::vector<acc> e(other != nullptr ? w : 0, acc(0));
-      column_slice_moments(z, n, k, c0, w, s.data(), q.data(), other, e.data());
+      column_slice_moments(z, n, k, c0, w, s.data(), q.data(), other, e.data(), res.data());
       if (other != nullptr)
         for (int64_t c = 0; c < w; ++c) sq[c0 + c] = e[c];
       for (int64_t c = 0; c < w; ++c) {
@@ -109,7 +118,7 @@ void normalise_columns(const scalar_t* z, int64_t n, int64_t k, acc_t<scalar_t>*
     for (int64_t r = 0; r < n; ++r) {
       const scalar_t* row = z + r * k + c0;
       acc* o = out + r * k + c0;
-      for (int64_t c = 0; c < w; ++c) o[c] = (static_cast<acc>(row[c]) - s[c]) * f[c];
+      for (int64_t c = 0; c < w; ++c) o[c] = ((static_cast<acc>(row[c]) - s[c]) - res[c]) * f[c];
     }
   });
 }
@@ -290,12 +299,14 @@ void barlow_normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& rstd, a
       false);
 }
 
+// d_c = Σ_n a_nc b_nc (Barlow's diagonal c_kk), column_sums' blocked summation.
 template <typename acc>
 std::vector<acc> column_dots(const acc* a, const acc* b, int64_t n, int64_t k) {
-  std::vector<acc> d(k, acc(0));
+  std::vector<acc> d(k);
   parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = c0; c < c1; ++c) d[c] += a[r * k + c] * b[r * k + c];
+    std::vector<double> s(c1 - c0);
+    column_sums<acc, 1>(n, c1 - c0, s.data(), [&](int64_t r, int64_t c, acc* t) { t[0] = a[r * k + c0 + c] * b[r * k + c0 + c]; });
+    for (int64_t c = c0; c < c1; ++c) d[c] = static_cast<acc>(s[c - c0]);
   });
   return d;
 }
@@ -352,16 +363,17 @@ void barlow_finish(const acc_t<scalar_t>* p, const acc_t<scalar_t>* self, const 
   const acc root_n = std::sqrt(static_cast<acc>(n));
   parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<acc> s1(w, acc(0)), s2(w, acc(0));
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t b = r * k + c0;
-      for (int64_t c = 0; c < w; ++c) {
-        const acc d = g * (two_l * p[b + c] + other[b + c] * dcoef[c0 + c]);
-        s1[c] += d;
-        s2[c] += d * self[b + c];
-      }
+    std::vector<double> sums(2 * w);  // column sums of d and of d ⊙ Â, blocked (column_reduce.h)
+    column_sums<acc, 2>(n, w, sums.data(), [&](int64_t r, int64_t c, acc* t) {
+      const int64_t b = r * k + c0 + c;
+      t[0] = g * (two_l * p[b] + other[b] * dcoef[c0 + c]);
+      t[1] = t[0] * self[b];
+    });
+    std::vector<acc> s1(w), s2(w);
+    for (int64_t c = 0; c < w; ++c) {
+      s1[c] = static_cast<acc>(sums[c] / static_cast<double>(n));
+      s2[c] = static_cast<acc>(sums[w + c]);
     }
-    for (int64_t c = 0; c < w; ++c) s1[c] /= static_cast<acc>(n);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t b = r * k + c0;
       for (int64_t c = 0; c < w; ++c) {

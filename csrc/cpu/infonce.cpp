@@ -1,34 +1,49 @@
-// Blockwise InfoNCE over a sparse relation G on the CPU: O(M·K) memory, never M×M.
+// The blockwise contrastive pass on the CPU (InfoNCE/SupCon, queues, DCL, CLIP, SigLIP):
+// O((N + M)·K) memory, never an N×N or N×M matrix. Math: docs/conventions.md §3, §3b.
 //
-// Math (conventions §3). z is (M, K); anchors are the window rows [row_start, row_end), candidates
-// all M rows. With ẑ = z / max(‖z‖, 1e-12), s_ij = ⟨ẑ_i, ẑ_j⟩, x_ij = s_ij / τ:
+// Two shapes of one pass (sslops/ops/infonce.py builds the calls):
 //
-//   LSE_i = log Σ_{j≠i} exp(x_ij)                       (online: running max and sum)
-//   ℓ_i   = LSE_i − (1/|P(i)|) Σ_{j∈P(i)} x_ij          (0 when P(i) = ∅)
+//   square   anchors are the window rows [xs, xe) of x (Nx, K); candidates are x's own rows
+//            (the in-batch block, labels or a CSR relation, an anchor never its own
+//            candidate) followed by the extra `negatives` (M, K) (a queue: always candidates,
+//            never positives).
+//   two-set  anchors are rows [xs, xe) of x against the rows of y (Ny, K) and, with BIDIR,
+//            rows [ys, ye) of y against x (CLIP's two directions); labels compared across the
+//            sets (G_ij = [lab_x_i = lab_y_j]); no self-exclusion.
 //
-// G is either `labels` (G_ij = [lab_i = lab_j], i ≠ j; compared tile by tile) or a CSR
-// (crow (M+1), col) built once per call by sslops/ops/infonce.py, symmetric, with entries
-// that must be skipped (duplicates, self-pairs) marked by col = −1.
+// With x̂ = x / max(‖x‖, 1e-12) (or x as given under NO_NORMALIZE), s_ij = ⟨x̂_i, ĉ_j⟩, scale t
+// and bias b (0-d tensors: learnable), per anchor row i the forward writes
 //
-// Gradient. With g_i the incoming gradient of ℓ_i, a_i = g_i·[|P(i)| > 0] (0 outside the
-// window), p_ij = exp(x_ij − LSE_i) and C_ij = a_i (p_ij − G_ij/|P(i)|)/τ for j ≠ i, the
-// similarity is symmetric, so every row k collects its anchor term and its candidate term
-// in one sum:
+//   softmax forms   diff = [lse_i, pos_i, pse_i], aux = [|P(i)|, ms_i, pe_i]
+//                   lse_i = log Σ_{j∈D(i)} exp(t·s_ij)        online: running max and sum
+//                   pos_i = Σ_{j∈P(i)} s_ij,  ms_i = Σ_{j∈D(i)} p_ij s_ij  (= ∂lse_i/∂t)
+//                   pse_i = Σ_{j∈P(i)} s_ij e^{s_ij/σ}, pe_i = Σ_{j∈P(i)} e^{s_ij/σ}  (WEIGHTED: DCLW)
+//                   D(i) = in-batch rows j ≠ i with [j ∈ P(i)] ? !DECOUPLED : !NO_INBATCH, and the negatives
+//   sigmoid (SigLIP) diff = [Σ_j softplus(−y_ij x_ij), 0, 0], aux = [|P(i)|, Σ_j h_ij s_ij, Σ_j h_ij]
+//                   x_ij = t·s_ij + b, y_ij = ±1, h_ij = ∂softplus(−y x)/∂x = −y_ij σ(−y_ij x_ij)
 //
-//   dL/dẑ_k = Σ_j (C_kj + C_jk) ẑ_j
-//   dL/dz_k = (dẑ_k − ẑ_k ⟨ẑ_k, dẑ_k⟩) / ‖z_k‖      (dẑ_k / 1e-12 where the clamp is active)
+// and the loss is assembled from these rows in Python (autograd through plain torch ops).
+// The backward takes the gradients (a_i, gp_i, gq_i) of (lse_i, pos_i, pse_i) (of the softplus
+// sum for SigLIP) and, since pse's derivative is taken with its weight e^{s/σ} held constant
+// (DCLW's weights are detached), the gradient of s_ij from anchor i is
 //
-// One pass over row blocks of all M rows computes D = C + Cᵀ tile by tile (the tile of
-// s is recomputed, both p_kj and p_jk come from it) and accumulates D·Ẑ: each row is
-// written by one thread in a fixed order, so the result is bit-identical from run to run
-// and for any thread count, without atomics. Rows outside the window only need the
-// columns inside it.
+//   C_ij = [j∈D(i)]·a_i·t·exp(t s_ij − lse_i) + [j∈P(i)]·(gp_i + gq_i e^{s_ij/σ})      softmax
+//   C_ij = a_i·t·h_ij                                                                 sigmoid
 //
-// Saved between forward and backward: LSE (B,) and |P(i)| (B,); the row norms are
-// recomputed (one light pass). Memory: Ẑ in the accumulation type (M·K) plus one
-// (64 × 256) tile and a (64 × K) gradient block per thread.
-// FLOPs: forward 2·B·M·K (+ B·M exp), backward 2·(2·B·M − B²)·K·2 (+ 2 exp per pair);
-// bytes: forward reads z once per anchor block (M·K·B/64 elements, cache-resident tiles).
+// dx̂_r = Σ_j (C_rj + C_jr) ĉ_j: the pass over the rows r of one set walks the other set's
+// tiles and adds both directions' terms (in the square case C + Cᵀ, the relation being
+// symmetric), so each row is written by one task in a fixed order: bit-identical reruns for
+// any thread count, no atomics. The gradients of t and b are the per-row statistics above
+// (Σ a_i ms_i, Σ a_i aux_i) taken in Python. A CSR relation adds its positives' terms
+// sparsely (O(nnz·K)); where the denominator depends on membership (DECOUPLED, NO_INBATCH)
+// the tile marks the row's CSR entries (sorted per row) in place.
+//
+// Saved between forward and backward: diff and aux, (B, 3) each; norms are recomputed.
+// Memory: x̂ (and ŷ, the negatives' rows) in the accumulation type, one (64 × 256) tile and a
+// (64 × K) gradient block per thread. FLOPs: forward 2·B·C·K (C candidates), backward
+// 2·2·(rows)·(columns)·K per pass (the tile recomputed, then the product); exp per tile entry
+// (two in the softmax backward, plus one for DCLW's positives).
+//
 // The selects in exp_ps only if-convert (and the loops below only vectorise) when GCC may
 // assume that float arithmetic does not trap; torch itself is built with -fno-trapping-math.
 // It must come before the includes: std::min/max are inlined from them.
@@ -38,17 +53,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -63,12 +78,25 @@ constexpr int64_t kRowBlock = 64;   // anchor (or gradient) rows per task
 constexpr int64_t kColBlock = 256;  // candidate columns per similarity tile
 constexpr double kNormEps = 1e-12;  // F.normalize's clamp of the row norm
 
-// The relation in raw pointers: labels (M,) int64, or a symmetric CSR with col = −1 holes.
-struct Relation {
-  const int32_t* labels = nullptr;
-  const int64_t* crow = nullptr;
-  const int64_t* col = nullptr;
+// Flags of the schema (sslops/ops/infonce.py holds the same values).
+constexpr int64_t kSigmoid = 1, kNoInBatch = 2, kDecoupled = 4, kWeighted = 8, kNoNormalize = 16, kBidir = 32;
+
+struct Mode {
+  bool sigmoid = false, weighted = false, normalize = true;
+  // an in-batch candidate j ≠ i of anchor i is in the denominator when: j ∈ P(i) ? keep_pos : keep_neg
+  bool keep_pos = true, keep_neg = true;
+  bool member_needed() const { return keep_pos != keep_neg; }
 };
+
+Mode make_mode(int64_t flags) {
+  Mode md;
+  md.sigmoid = flags & kSigmoid;
+  md.weighted = flags & kWeighted;
+  md.normalize = !(flags & kNoNormalize);
+  md.keep_pos = !(flags & kDecoupled);
+  md.keep_neg = !(flags & kNoInBatch);
+  return md;
+}
 
 // Labels as dense int32 ids (equal labels, equal ids): a sort, O(M log M).
 at::Tensor dense_label_ids(const at::Tensor& labels) {
@@ -88,22 +116,33 @@ at::Tensor dense_label_ids(const at::Tensor& labels) {
   return ids;
 }
 
-Relation make_relation(const at::Tensor& labels, const at::Tensor& crow, const at::Tensor& col) {
-  Relation r;
-  if (labels.defined()) r.labels = labels.data_ptr<int32_t>();
-  if (crow.defined()) {
-    r.crow = crow.data_ptr<int64_t>();
-    r.col = col.data_ptr<int64_t>();
+// A symmetric CSR over the in-batch rows: columns sorted within each row; an entry equal to
+// its predecessor in the row (a duplicate) or to the row itself (a self-pair) is skipped.
+struct Csr {
+  const int64_t* crow = nullptr;
+  const int64_t* col = nullptr;
+  bool live(int64_t row, int64_t e) const {
+    const int64_t j = col[e];
+    return j != row && (e == crow[row] || col[e - 1] != j);
   }
-  return r;
-}
+};
 
-// ẑ (M, K) in acc_t and the row norms ‖z_k‖ (before the clamp).
+// x̂ (rows, K) in acc_t and the row norms ‖x_r‖ (before the clamp); as given (norm 1) when
+// the normalisation is off.
 template <typename scalar_t, typename acc>
-void normalise_rows(const scalar_t* z, int64_t m, int64_t k, acc* zh, acc* norm) {
+void normalise_rows(const at::Tensor& x_in, bool normalize, acc* xh, acc* norm) {
+  const at::Tensor x = x_in.contiguous();
+  const scalar_t* z = x.data_ptr<scalar_t>();
+  const int64_t m = x.size(0), k = x.size(1);
   parallel_for(m, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* row = z + r * k;
+      acc* out = xh + r * k;
+      if (!normalize) {
+        norm[r] = 1;
+        for (int64_t c = 0; c < k; ++c) out[c] = static_cast<acc>(row[c]);
+        continue;
+      }
       acc ss = 0;
       for (int64_t c = 0; c < k; ++c) {
         const acc v = static_cast<acc>(row[c]);
@@ -112,7 +151,6 @@ void normalise_rows(const scalar_t* z, int64_t m, int64_t k, acc* zh, acc* norm)
       const acc nrm = std::sqrt(ss);
       norm[r] = nrm;
       const acc inv = acc(1) / std::max(nrm, static_cast<acc>(kNormEps));
-      acc* out = zh + r * k;
       for (int64_t c = 0; c < k; ++c) out[c] = static_cast<acc>(row[c]) * inv;
     }
   });
@@ -121,7 +159,7 @@ void normalise_rows(const scalar_t* z, int64_t m, int64_t k, acc* zh, acc* norm)
 // exp in fp32 without a libm call, so `omp simd` loops vectorise: x = n·ln2 + r with
 // |r| <= ln2/2 (Cody–Waite split of ln2), exp(r) by its degree-7 Taylor polynomial
 // (relative error < 1e-8, below fp32 rounding), 2^n from the exponent bits. Below −87 it
-// returns 0 (this covers −inf); NaN stays NaN. Arguments here are ≤ 0 up to rounding.
+// returns 0 (this covers −inf); NaN stays NaN.
 inline float exp_ps(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float y = xc * 1.44269504088896341f + 0.5f;
@@ -147,61 +185,27 @@ inline float exp_ps(float x) {
 }
 inline double exp_ps(double x) { return std::exp(x); }
 
+// log(1 + u) for u in [0, 1] in fp32 without a libm call: 2·atanh(r), r = u/(2 + u) <= 1/3,
+// by its odd series to r¹⁵ (truncation < 2e-9 relative, below fp32 rounding; exact as u → 0).
+inline float log1p_unit_ps(float u) {
+  const float r = u / (2.0f + u), r2 = r * r;
+  float p = 1.0f / 15.0f;
+  p = p * r2 + 1.0f / 13.0f;
+  p = p * r2 + 1.0f / 11.0f;
+  p = p * r2 + 1.0f / 9.0f;
+  p = p * r2 + 1.0f / 7.0f;
+  p = p * r2 + 1.0f / 5.0f;
+  p = p * r2 + 1.0f / 3.0f;
+  p = p * r2 + 1.0f;
+  return 2.0f * r * p;
+}
+inline double log1p_unit_ps(double u) { return std::log1p(u); }
+
 template <typename acc>
 acc dot(const acc* a, const acc* b, int64_t k) {
   acc s = 0;
   for (int64_t c = 0; c < k; ++c) s += a[c] * b[c];
   return s;
-}
-
-// The per-row loops over one similarity tile, kept out of line so that they are compiled
-// under this file's options (inlined into ATen's parallel_for they would lose them).
-// Labels are dense int32 ids here (int32 compares vectorise on every x86-64).
-
-template <typename acc>
-__attribute__((noinline)) acc span_max(const acc* s, int64_t j0, int64_t j1) {
-  acc t = -std::numeric_limits<acc>::infinity();
-#pragma omp simd reduction(max : t)
-  for (int64_t j = j0; j < j1; ++j) t = std::max(t, s[j]);
-  return t;
-}
-
-// Σ exp(x_j − mx) over [j0, j1); with labels also Σ x_j and the count over lab_j == li.
-template <typename acc>
-__attribute__((noinline)) void span_sums(const acc* s, const int32_t* lab, int32_t li, acc inv_tau, acc mx, int64_t j0,
-                                         int64_t j1, acc& sum_out, acc& pos_out, acc& cnt_out) {
-  acc sum = 0, p = 0, n = 0;
-  if (lab) {
-#pragma omp simd reduction(+ : sum, p, n)
-    for (int64_t j = j0; j < j1; ++j) {
-      const acc x = s[j] * inv_tau;
-      sum += exp_ps(x - mx);
-      const bool eq = lab[j] == li;
-      p += eq ? x : acc(0);
-      n += eq ? acc(1) : acc(0);
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = j0; j < j1; ++j) sum += exp_ps(s[j] * inv_tau - mx);
-  }
-  sum_out += sum;
-  pos_out += p;
-  cnt_out += n;
-}
-
-// s_j <- D_ij = (a_i (p_ij − G_ij/|P(i)|) + a_j (p_ji − G_ij/|P(j)|)) / τ, in place (the
-// diagonal is cleared by the caller).
-template <typename acc>
-__attribute__((noinline)) void coef_row(acc* s, const int32_t* lab, int32_t li, acc inv_tau, acc ai, acc lse_i, acc own,
-                                        const acc* w, const acc* lse, const acc* inv_cnt, int64_t bc) {
-#pragma omp simd
-  for (int64_t j = 0; j < bc; ++j) {
-    const acc x = s[j] * inv_tau;
-    s[j] = (ai * exp_ps(x - lse_i) + w[j] * exp_ps(x - lse[j])) * inv_tau;
-  }
-  if (lab)
-    for (int64_t j = 0; j < bc; ++j)
-      if (lab[j] == li) s[j] -= (own + w[j] * inv_cnt[j]) * inv_tau;
 }
 
 // Run f(b, b + 1) for every block b < n, handing blocks to threads one at a time
@@ -221,70 +225,233 @@ void parallel_blocks(int64_t n, const F& f) {
   if (n > 0) f(int64_t(0), n);
 }
 
-// ----------------------------------------------------------------------------- forward
+// ----------------------------------------------------------------------------- one tile row
+// The per-row loops over one similarity tile, kept out of line so that they are compiled
+// under this file's options (inlined into ATen's parallel_for they would lose them).
+
+// xr[j] <- t·s_j for the in-batch columns [0, ib) when keep_neg (the caller then marks the CSR
+// positives), −inf otherwise; the negatives' columns [ib, bc) always t·s_j.
+template <typename acc>
+__attribute__((noinline)) void masked_logits(const acc* s, acc* xr, acc t, bool keep_neg, int64_t ib, int64_t bc) {
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < ib; ++j) xr[j] = keep_neg ? s[j] * t : neg_inf;
+#pragma omp simd
+  for (int64_t j = ib; j < bc; ++j) xr[j] = s[j] * t;
+}
 
 template <typename acc>
-void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, int64_t rs, int64_t re, acc* loss,
-                    acc* count, acc* lse_out) {
-  const int64_t m = zh_t.size(0), k = zh_t.size(1);
-  const acc* zh = zh_t.data_ptr<acc>();
-  const int64_t rows = re - rs;
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+__attribute__((noinline)) acc span_max(const acc* x, int64_t n) {
+  acc m = -std::numeric_limits<acc>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// Σ exp(xr_j − mx) and Σ exp(xr_j − mx)·s_j over [0, n).
+template <typename acc>
+__attribute__((noinline)) void span_exp_sums(const acc* xr, const acc* s, acc mx, int64_t n, acc& sum_out, acc& ms_out) {
+  acc sum = 0, ms = 0;
+#pragma omp simd reduction(+ : sum, ms)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc e = exp_ps(xr[j] - mx);
+    sum += e;
+    ms += e * s[j];
+  }
+  sum_out += sum;
+  ms_out += ms;
+}
+
+// Labelled in-batch columns [j0, j1) in one pass: xr_j = t·s_j where the column is in the
+// denominator (j ∈ P(i) ? keep_pos : keep_neg), −inf elsewhere; the positives' Σ s, count and
+// (weighted) Σ s·e^{s/σ}, Σ e^{s/σ} into pos4; returns max_j xr_j.
+template <typename acc, bool WEIGHTED>
+__attribute__((noinline)) acc span_logits_positives(const acc* s, acc* xr, const int32_t* lab, int32_t li, bool keep_pos,
+                                                    bool keep_neg, acc t, acc inv_sigma, int64_t j0, int64_t j1, acc* pos4) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const int kp = keep_pos, kn = keep_neg;
+  acc m = neg_inf, p = 0, n = 0, pse = 0, pe = 0;
+#pragma omp simd reduction(max : m) reduction(+ : p, n, pse, pe)
+  for (int64_t j = j0; j < j1; ++j) {
+    const int g = lab[j] == li;
+    const int keep = (g & kp) | ((g ^ 1) & kn);
+    const acc xv = keep ? s[j] * t : neg_inf;
+    xr[j] = xv;
+    m = std::max(m, xv);
+    const acc gf = static_cast<acc>(g);
+    p += gf * s[j];
+    n += gf;
+    if constexpr (WEIGHTED) {
+      const acc e = exp_ps(s[j] * inv_sigma);
+      pse += gf * s[j] * e;
+      pe += gf * e;
+    }
+  }
+  pos4[0] += p;
+  pos4[1] += n;
+  pos4[2] += pse;
+  pos4[3] += pe;
+  return m;
+}
+
+// The negatives' columns [j0, j1): xr_j = t·s_j; returns their max.
+template <typename acc>
+__attribute__((noinline)) acc span_logits(const acc* s, acc* xr, acc t, int64_t j0, int64_t j1) {
+  acc m = -std::numeric_limits<acc>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = j0; j < j1; ++j) {
+    xr[j] = s[j] * t;
+    m = std::max(m, xr[j]);
+  }
+  return m;
+}
+
+// SigLIP over [0, n): Σ softplus(−y x), Σ h·s, Σ h, #positives with x = t·s + b,
+// y = lab[j] == li ? +1 : −1, h = −y·σ(−y x). Stable for any x: softplus(v) = max(v, 0) +
+// log1p(e^{−|v|}), σ from the same e^{−|v|}.
+template <typename acc>
+__attribute__((noinline)) void span_sigmoid(const acc* s, const int32_t* lab, int32_t li, acc t, acc b, int64_t n,
+                                            acc* out4) {
+  acc sp = 0, hs = 0, hsum = 0, cnt = 0;
+#pragma omp simd reduction(+ : sp, hs, hsum, cnt)
+  for (int64_t j = 0; j < n; ++j) {
+    const bool pos = lab[j] == li;
+    const acc x = s[j] * t + b;
+    const acc v = pos ? -x : x;  // −y·x
+    const acc u = exp_ps(-std::abs(v));
+    const acc sig = (v >= acc(0) ? acc(1) : u) / (acc(1) + u);  // σ(v)
+    sp += std::max(v, acc(0)) + log1p_unit_ps(u);
+    const acc h = pos ? -sig : sig;
+    hs += h * s[j];
+    hsum += h;
+    cnt += pos ? acc(1) : acc(0);
+  }
+  out4[0] += sp;
+  out4[1] += hs;
+  out4[2] += hsum;
+  out4[3] += cnt;
+}
+
+// ----------------------------------------------------------------------------- forward
+
+// Everything one pass needs, in raw pointers: rows R (anchors, or gradient rows) against
+// columns C (candidates); C's first nb rows are the in-batch block, the rest extra negatives.
+template <typename acc>
+struct Pass {
+  at::Tensor rows_t, cols_t;     // (nR, K), (nC, K) acc views
+  int64_t nb = 0;                // in-batch columns
+  bool self_excl = false;        // square: row r and column r are the same row
+  const int32_t* lab_r = nullptr;  // dense label ids of R (in-batch rows) and of C's in-batch block
+  const int32_t* lab_c = nullptr;
+  Csr csr;                       // square with pairs: R's rows indexed like C's in-batch block
+  bool rows_extra = false;       // backward over the negatives' rows: no relation, always candidates
+  Mode md;
+  acc t = 1, b = 0, inv_sigma = 2;
+};
+
+// Columns [c0, c0 + ib) of the row of anchor gi that are in-batch positives by the CSR:
+// set xr to t·s (keep_pos) or −inf for them.
+template <typename acc>
+void mark_csr_row(const Csr& csr, int64_t gi, int64_t c0, int64_t ib, const acc* s, acc* xr, acc t, bool keep_pos) {
+  const int64_t* beg = csr.col + csr.crow[gi];
+  const int64_t* end = csr.col + csr.crow[gi + 1];
+  for (const int64_t* p = std::lower_bound(beg, end, c0); p != end && *p < c0 + ib; ++p)
+    xr[*p - c0] = keep_pos ? s[*p - c0] * t : -std::numeric_limits<acc>::infinity();
+}
+
+template <typename acc>
+void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* aux) {
+  const int64_t nc = ps.cols_t.size(0), k = ps.cols_t.size(1);
+  const acc* rh = ps.rows_t.template data_ptr<acc>();
+  const acc* ch = ps.cols_t.template data_ptr<acc>();
+  const int64_t blocks = (re - rs + kRowBlock - 1) / kRowBlock;
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const Mode& md = ps.md;
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
-    at::Tensor tile = at::empty({kRowBlock, kColBlock}, zh_t.options());
-    std::vector<acc> run_max(kRowBlock), run_sum(kRowBlock), pos(kRowBlock), cnt(kRowBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = rs + b * kRowBlock, r1 = std::min(re, r0 + kRowBlock), br = r1 - r0;
+    at::Tensor tile = at::empty({kRowBlock, kColBlock}, ps.cols_t.options());
+    std::vector<acc> xr(kColBlock), run_max(kRowBlock), run_sum(kRowBlock), run_ms(kRowBlock), st(4 * kRowBlock);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = rs + blk * kRowBlock, r1 = std::min(re, r0 + kRowBlock), br = r1 - r0;
       std::fill(run_max.begin(), run_max.end(), neg_inf);
       std::fill(run_sum.begin(), run_sum.end(), acc(0));
-      std::fill(pos.begin(), pos.end(), acc(0));
-      std::fill(cnt.begin(), cnt.end(), acc(0));
-      const at::Tensor anchors = zh_t.narrow(0, r0, br);
-      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
-        const int64_t bc = std::min(m, c0 + kColBlock) - c0;
-        at::Tensor s = tile.narrow(0, 0, br).narrow(1, 0, bc);
-        at::mm_out(s, anchors, zh_t.narrow(0, c0, bc).t());
-        const acc* sp = tile.data_ptr<acc>();
+      std::fill(run_ms.begin(), run_ms.end(), acc(0));
+      std::fill(st.begin(), st.end(), acc(0));
+      const at::Tensor anchors = ps.rows_t.narrow(0, r0, br);
+      for (int64_t c0 = 0; c0 < nc; c0 += kColBlock) {
+        const int64_t bc = std::min(nc, c0 + kColBlock) - c0;
+        const int64_t ib = std::min(std::max(ps.nb - c0, int64_t(0)), bc);
+        at::Tensor s_t = tile.narrow(0, 0, br).narrow(1, 0, bc);
+        at::mm_out(s_t, anchors, ps.cols_t.narrow(0, c0, bc).t());
+        const acc* sp = tile.template data_ptr<acc>();
         for (int64_t i = 0; i < br; ++i) {
           const acc* srow = sp + i * kColBlock;
           const int64_t gi = r0 + i;
-          // Columns [0, bc) minus the diagonal, as two contiguous spans.
-          const int64_t d = gi - c0;
-          const int64_t span[2][2] = {{0, std::min(std::max(d, int64_t(0)), bc)},
-                                      {std::min(std::max(d + 1, int64_t(0)), bc), bc}};
-          acc tmax = neg_inf;
-          for (const auto& sp2 : span) tmax = std::max(tmax, span_max(srow, sp2[0], sp2[1]) * inv_tau);
+          const int32_t li = ps.lab_r ? ps.lab_r[gi] : 0;
+          const int32_t* lj = ps.lab_c ? ps.lab_c + c0 : nullptr;
+          acc* sti = st.data() + 4 * i;
+          if (md.sigmoid) {
+            span_sigmoid(srow, lj, li, ps.t, ps.b, bc, sti);
+            continue;
+          }
+          acc tmax;
+          if (lj) {  // labels: logits, positives and max in one pass (the diagonal left out: two spans)
+            const auto labelled = md.weighted ? span_logits_positives<acc, true> : span_logits_positives<acc, false>;
+            const int64_t d = ps.self_excl ? gi - c0 : -1;
+            if (d >= 0 && d < ib) {
+              tmax = std::max(labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, d, sti),
+                              labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, d + 1, ib, sti));
+              xr[d] = neg_inf;
+            } else {
+              tmax = labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, ib, sti);
+            }
+            if (ib < bc) tmax = std::max(tmax, span_logits(srow, xr.data(), ps.t, ib, bc));
+          } else {  // a CSR: the denominator by membership, the positives summed sparsely below
+            masked_logits(srow, xr.data(), ps.t, md.keep_neg, ib, bc);
+            if (ps.csr.crow && md.member_needed()) mark_csr_row(ps.csr, gi, c0, ib, srow, xr.data(), ps.t, md.keep_pos);
+            if (ps.self_excl && gi >= c0 && gi < c0 + ib) xr[gi - c0] = neg_inf;
+            tmax = span_max(xr.data(), bc);
+          }
           // A NaN similarity must not vanish in the max: the sum below carries it.
           if (tmax > run_max[i]) {
-            run_sum[i] *= exp_ps(run_max[i] - tmax);
+            const acc f = exp_ps(run_max[i] - tmax);
+            run_sum[i] *= f;
+            run_ms[i] *= f;
             run_max[i] = tmax;
           }
-          const acc mx = run_max[i];
-          if (mx == neg_inf) continue;  // only the diagonal so far
-          const int32_t li = rel.labels ? rel.labels[gi] : 0;
-          const int32_t* lj = rel.labels ? rel.labels + c0 : nullptr;
-          for (const auto& sp2 : span) span_sums(srow, lj, li, inv_tau, mx, sp2[0], sp2[1], run_sum[i], pos[i], cnt[i]);
+          if (run_max[i] == neg_inf) continue;  // nothing in the denominator so far
+          span_exp_sums(xr.data(), srow, run_max[i], bc, run_sum[i], run_ms[i]);
         }
       }
       for (int64_t i = 0; i < br; ++i) {
-        const int64_t gi = r0 + i;
-        if (rel.crow) {
-          acc p = 0, n = 0;
-          for (int64_t e = rel.crow[gi]; e < rel.crow[gi + 1]; ++e) {
-            const int64_t j = rel.col[e];
-            if (j < 0) continue;
-            p += dot(zh + gi * k, zh + j * k, k);
-            n += 1;
-          }
-          pos[i] = p * inv_tau;
-          cnt[i] = n;
+        const int64_t gi = r0 + i, o = gi - rs;
+        acc* sti = st.data() + 4 * i;
+        acc* d = diff + 3 * o;
+        acc* a = aux + 3 * o;
+        if (md.sigmoid) {
+          d[0] = sti[0], d[1] = 0, d[2] = 0;
+          a[0] = sti[3], a[1] = sti[1], a[2] = sti[2];
+          continue;
         }
-        const acc l = run_max[i] + std::log(run_sum[i]);
-        const int64_t o = gi - rs;
-        lse_out[o] = l;
-        count[o] = cnt[i];
-        loss[o] = cnt[i] > 0 ? l - pos[i] / cnt[i] : acc(0);
+        if (ps.csr.crow) {  // positives from the CSR, O(|P(i)|·K)
+          for (int64_t e = ps.csr.crow[gi]; e < ps.csr.crow[gi + 1]; ++e) {
+            if (!ps.csr.live(gi, e)) continue;
+            const acc sv = dot(rh + gi * k, ch + ps.csr.col[e] * k, k);
+            sti[0] += sv;
+            sti[1] += 1;
+            if (md.weighted) {
+              const acc ev = std::exp(sv * ps.inv_sigma);
+              sti[2] += sv * ev;
+              sti[3] += ev;
+            }
+          }
+        }
+        const bool any = run_sum[i] > 0 || run_sum[i] != run_sum[i];
+        d[0] = run_max[i] + std::log(run_sum[i]);
+        d[1] = sti[0];
+        d[2] = sti[2];
+        a[0] = sti[1];
+        a[1] = any ? run_ms[i] / run_sum[i] : acc(0);
+        a[2] = sti[3];
       }
     }
   });
@@ -292,67 +459,170 @@ void forward_kernel(const at::Tensor& zh_t, const Relation& rel, acc inv_tau, in
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename scalar_t, typename acc>
-void backward_kernel(const at::Tensor& zh_t, const acc* norm, const Relation& rel, acc inv_tau, int64_t rs, int64_t re,
-                     const acc* weight, const acc* lse_w, const acc* inv_cnt, scalar_t* dz) {
-  // weight/lse_w/inv_cnt are (M,): a_k, LSE_k and 1/|P(k)| (a_k = 0 outside the window).
-  const int64_t m = zh_t.size(0), k = zh_t.size(1);
-  const acc* zh = zh_t.data_ptr<acc>();
-  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+// Per-row gradient coefficients of one set (length = its rows): a = ∂L/∂lse (∂L/∂softplus-sum
+// for SigLIP), lse (+inf where a = 0, so that exp(x − lse) vanishes), gp = ∂L/∂pos, gq = ∂L/∂pse.
+template <typename acc>
+struct Coef {
+  const acc* a = nullptr;
+  const acc* lse = nullptr;
+  const acc* gp = nullptr;
+  const acc* gq = nullptr;
+};
+
+// Row r of a tile, in place: s_j <- D_rj = C_rj + C_jr (both directions), the in-batch block
+// by the relation, the negatives' columns (and rows_extra) with no relation. Branch-free (so
+// that the loops vectorise): the exponents are clamped at 0, which changes nothing inside the
+// denominator (x <= LSE there) and keeps exp finite outside it, where the 0/1 factor `keep`
+// then zeroes the term (a product with an overflowed exp would be 0·inf = NaN).
+template <typename acc, bool WEIGHTED>
+__attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int32_t li, bool keep_pos, bool keep_neg, acc t,
+                                                acc inv_sigma, acc ar, acc lr, acc gpr, acc gqr, const acc* ac, const acc* lc,
+                                                const acc* gpc, const acc* gqc, int64_t ib, int64_t bc, const acc* keep_buf,
+                                                bool rows_extra) {
+  const acc zero = 0;
+  if (lab) {
+    const int kp = keep_pos, kn = keep_neg;
+#pragma omp simd
+    for (int64_t j = 0; j < ib; ++j) {
+      const int g = lab[j] == li;
+      const acc keep = static_cast<acc>((g & kp) | ((g ^ 1) & kn));
+      const acc x = s[j] * t;
+      acc d = keep * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+      acc pair = gpr + gpc[j];
+      if constexpr (WEIGHTED) pair += (gqr + gqc[j]) * exp_ps(s[j] * inv_sigma);
+      s[j] = d + static_cast<acc>(g) * pair;
+    }
+  } else {  // keep_buf[j] = 1 where column j is in the denominator (CSR rows: set by the caller)
+#pragma omp simd
+    for (int64_t j = 0; j < ib; ++j) {
+      const acc x = s[j] * t;
+      s[j] = keep_buf[j] * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+    }
+  }
+  // Columns [ib, bc) relate to no row: either they are the negatives (never anchors: only the
+  // row's own term) or, over the negatives' rows (rows_extra: ib = 0), they are the anchors
+  // (only the column's term). One exponential each.
+  if (rows_extra) {
+#pragma omp simd
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ac[j] * exp_ps(std::min(s[j] * t - lc[j], zero));
+  } else {
+#pragma omp simd
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ar * exp_ps(std::min(s[j] * t - lr, zero));
+  }
+}
+
+template <typename acc>
+__attribute__((noinline)) void coef_row_sigmoid(acc* s, const int32_t* lab, int32_t li, acc t, acc b, acc ar,
+                                                const acc* ac, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool pos = lab[j] == li;
+    const acc x = s[j] * t + b;
+    const acc v = pos ? -x : x;
+    const acc u = exp_ps(-std::abs(v));
+    const acc sig = (v >= acc(0) ? acc(1) : u) / (acc(1) + u);
+    s[j] = (ar + ac[j]) * t * (pos ? -sig : sig);
+  }
+}
+
+// dR̂ (nR, K) in acc: rows of R against the columns of C, both directions' coefficients.
+// Rows outside [rw0, rw1) have zero coefficients and only need C's window [cw0, cw1).
+template <typename acc>
+void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc, int64_t rw0, int64_t rw1, int64_t cw0,
+                   int64_t cw1, acc* gout) {
+  const int64_t nr = ps.rows_t.size(0), nc = ps.cols_t.size(0), k = ps.cols_t.size(1);
+  const int64_t blocks = (nr + kRowBlock - 1) / kRowBlock;
+  const Mode& md = ps.md;
+  const acc zero = 0, inf = std::numeric_limits<acc>::infinity();
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
-    at::Tensor tile = at::empty({kRowBlock, kColBlock}, zh_t.options());
-    at::Tensor grad = at::empty({kRowBlock, k}, zh_t.options());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = std::min(m, r0 + kRowBlock), br = r1 - r0;
-      grad.zero_();
-      at::Tensor g = grad.narrow(0, 0, br);
-      const at::Tensor rows = zh_t.narrow(0, r0, br);
-      // Rows outside the window have no anchor term: only the window's columns matter.
-      const bool has_anchor = r0 < re && r1 > rs;
-      const int64_t cbeg = has_anchor ? 0 : rs, cend = has_anchor ? m : re;
+    at::Tensor tile = at::empty({kRowBlock, kColBlock}, ps.cols_t.options());
+    std::vector<acc> keep(kColBlock);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kRowBlock, r1 = std::min(nr, r0 + kRowBlock), br = r1 - r0;
+      at::Tensor g = at::from_blob(gout + r0 * k, {br, k}, ps.cols_t.options());
+      g.zero_();
+      const at::Tensor rows = ps.rows_t.narrow(0, r0, br);
+      const bool has_anchor = r0 < rw1 && r1 > rw0;
+      const int64_t cbeg = has_anchor ? 0 : cw0, cend = has_anchor ? nc : cw1;
       for (int64_t c0 = cbeg; c0 < cend; c0 += kColBlock) {
         const int64_t bc = std::min(cend, c0 + kColBlock) - c0;
-        at::Tensor s = tile.narrow(0, 0, br).narrow(1, 0, bc);
-        at::mm_out(s, rows, zh_t.narrow(0, c0, bc).t());
-        acc* sp = tile.data_ptr<acc>();
+        const int64_t ib = ps.rows_extra ? 0 : std::min(std::max(ps.nb - c0, int64_t(0)), bc);
+        at::Tensor s_t = tile.narrow(0, 0, br).narrow(1, 0, bc);
+        at::mm_out(s_t, rows, ps.cols_t.narrow(0, c0, bc).t());
+        acc* sp = tile.template data_ptr<acc>();
         for (int64_t i = 0; i < br; ++i) {
           acc* srow = sp + i * kColBlock;
           const int64_t gi = r0 + i;
-          const acc ai = weight[gi], li = lse_w[gi], ci = inv_cnt[gi];
-          const acc* wj = weight + c0;
-          const acc* lj_lse = lse_w + c0;
-          const acc* cj = inv_cnt + c0;
-          coef_row(srow, rel.labels ? rel.labels + c0 : nullptr, rel.labels ? rel.labels[gi] : 0, inv_tau, ai, li,
-                   ai * ci, wj, lj_lse, cj, bc);
-          if (gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
-        }
-        g.addmm_(s, zh_t.narrow(0, c0, bc));
-      }
-      acc* gp = grad.data_ptr<acc>();
-      for (int64_t i = 0; i < br; ++i) {
-        const int64_t gi = r0 + i;
-        acc* gr = gp + i * k;
-        if (rel.crow) {
-          const acc own = weight[gi] * inv_cnt[gi];
-          for (int64_t e = rel.crow[gi]; e < rel.crow[gi + 1]; ++e) {
-            const int64_t j = rel.col[e];
-            if (j < 0) continue;
-            const acc coef = -(own + weight[j] * inv_cnt[j]) * inv_tau;
-            if (coef == 0) continue;
-            const acc* zj = zh + j * k;
-            for (int64_t c = 0; c < k; ++c) gr[c] += coef * zj[c];
+          const int32_t li = ps.lab_r ? ps.lab_r[gi] : 0;
+          const int32_t* lj = ps.lab_c ? ps.lab_c + c0 : nullptr;
+          const acc ar = cr.a ? cr.a[gi] : zero;
+          if (md.sigmoid) {
+            coef_row_sigmoid(srow, lj, li, ps.t, ps.b, ar, cc.a + c0, bc);
+            continue;
           }
+          const acc lr = cr.a ? cr.lse[gi] : inf, gpr = cr.a ? cr.gp[gi] : zero, gqr = cr.a ? cr.gq[gi] : zero;
+          if (!lj && ib > 0) {  // CSR relation: the denominator by membership, the positives added sparsely
+            std::fill(keep.begin(), keep.begin() + ib, md.keep_neg ? acc(1) : acc(0));
+            if (ps.csr.crow && md.member_needed()) {
+              const int64_t* beg = ps.csr.col + ps.csr.crow[gi];
+              const int64_t* end = ps.csr.col + ps.csr.crow[gi + 1];
+              for (const int64_t* p = std::lower_bound(beg, end, c0); p != end && *p < c0 + ib; ++p)
+                keep[*p - c0] = md.keep_pos ? acc(1) : acc(0);
+            }
+          }
+          if (md.weighted)
+            coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
+                                        cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
+          else
+            coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
+                                         cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
+          if (ps.self_excl && gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
-        const acc* zi = zh + gi * k;
-        const acc nrm = norm[gi];
-        scalar_t* out = dz + gi * k;
-        if (nrm >= static_cast<acc>(kNormEps)) {
-          const acc proj = dot(zi, gr, k), inv = acc(1) / nrm;
-          for (int64_t c = 0; c < k; ++c) out[c] = static_cast<scalar_t>((gr[c] - zi[c] * proj) * inv);
-        } else {
-          const acc inv = acc(1) / static_cast<acc>(kNormEps);
-          for (int64_t c = 0; c < k; ++c) out[c] = static_cast<scalar_t>(gr[c] * inv);
-        }
+        g.addmm_(s_t, ps.cols_t.narrow(0, c0, bc));
+      }
+    }
+  });
+}
+
+// The CSR positives' part of dx̂ for every row, O(nnz·K): gp_r + gp_j + (gq_r + gq_j)·e^{s/σ}.
+template <typename acc>
+void csr_positive_grad(const Pass<acc>& ps, const Coef<acc>& cr, acc* gout) {
+  const int64_t nr = ps.rows_t.size(0), k = ps.rows_t.size(1);
+  const acc* rh = ps.rows_t.template data_ptr<acc>();
+  const acc* ch = ps.cols_t.template data_ptr<acc>();
+  parallel_for(nr, 64, [&](int64_t a0, int64_t a1) {
+    for (int64_t r = a0; r < a1; ++r) {
+      acc* gr = gout + r * k;
+      for (int64_t e = ps.csr.crow[r]; e < ps.csr.crow[r + 1]; ++e) {
+        if (!ps.csr.live(r, e)) continue;
+        const int64_t j = ps.csr.col[e];
+        acc coef = cr.gp[r] + cr.gp[j];
+        if (ps.md.weighted) coef += (cr.gq[r] + cr.gq[j]) * std::exp(dot(rh + r * k, ch + j * k, k) * ps.inv_sigma);
+        if (coef == 0) continue;
+        const acc* cj = ch + j * k;
+        for (int64_t c = 0; c < k; ++c) gr[c] += coef * cj[c];
+      }
+    }
+  });
+}
+
+// dz from dẑ: (dẑ − ẑ⟨ẑ, dẑ⟩)/‖z‖ (dẑ/1e-12 where the clamp is active; dẑ itself when the
+// normalisation is off), cast to the input dtype.
+template <typename scalar_t, typename acc>
+void normalise_backward(const acc* xh, const acc* norm, const acc* g, bool normalize, int64_t m, int64_t k, scalar_t* out) {
+  parallel_for(m, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const acc* gr = g + r * k;
+      const acc* zr = xh + r * k;
+      scalar_t* o = out + r * k;
+      if (!normalize) {
+        for (int64_t c = 0; c < k; ++c) o[c] = static_cast<scalar_t>(gr[c]);
+      } else if (norm[r] >= static_cast<acc>(kNormEps)) {
+        const acc proj = dot(zr, gr, k), inv = acc(1) / norm[r];
+        for (int64_t c = 0; c < k; ++c) o[c] = static_cast<scalar_t>((gr[c] - zr[c] * proj) * inv);
+      } else {
+        const acc inv = acc(1) / static_cast<acc>(kNormEps);
+        for (int64_t c = 0; c < k; ++c) o[c] = static_cast<scalar_t>(gr[c] * inv);
       }
     }
   });
@@ -360,80 +630,218 @@ void backward_kernel(const at::Tensor& zh_t, const acc* norm, const Relation& re
 
 // ----------------------------------------------------------------------------- ops
 
-void check_window(const at::Tensor& z, int64_t rs, int64_t re) {
-  TORCH_CHECK(z.dim() == 2, "info_nce: z must be 2-D, got ", z.dim(), "-D");
-  TORCH_CHECK(0 <= rs && rs <= re && re <= z.size(0), "info_nce: need 0 <= row_start <= row_end <= M, got ", rs, ", ",
-              re, ", M = ", z.size(0));
+// The inputs of one call, normalised once: Ĉ = [x̂ or ŷ; q̂] (the square case's x̂ is a prefix).
+struct Prepared {
+  bool square = true, bidir = false;
+  int64_t nx = 0, ny = 0, nq = 0, k = 0;
+  at::Tensor xh, yh, ch, norm_x, norm_c;   // acc; ch = in-batch rows then the negatives
+  at::Tensor lab_x, lab_c;                 // dense int32 ids (undefined without labels)
+  at::Tensor crow, col;
+  Mode md;
+};
+
+Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& neg,
+                 const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y,
+                 const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, int64_t xs, int64_t xe,
+                 int64_t ys, int64_t ye, int64_t flags) {
+  TORCH_CHECK(x.dim() == 2, "contrastive: x must be 2-D, got ", x.dim(), "-D");
+  Prepared p;
+  p.md = make_mode(flags);
+  p.square = !y.has_value();
+  p.bidir = (flags & kBidir) && !p.square;
+  p.nx = x.size(0), p.k = x.size(1);
+  p.ny = p.square ? 0 : y->size(0);
+  p.nq = neg.has_value() ? neg->size(0) : 0;
+  TORCH_CHECK(0 <= xs && xs <= xe && xe <= p.nx, "contrastive: need 0 <= x_start <= x_end <= rows of x");
+  TORCH_CHECK(p.square || (y->dim() == 2 && y->size(1) == p.k), "contrastive: y must be (N_y, K)");
+  TORCH_CHECK(!p.bidir || (0 <= ys && ys <= ye && ye <= p.ny), "contrastive: need 0 <= y_start <= y_end <= rows of y");
+  TORCH_CHECK(!neg.has_value() || (neg->dim() == 2 && neg->size(1) == p.k), "contrastive: negatives must be (M, K)");
+  TORCH_CHECK(p.square || p.nq == 0, "contrastive: negatives go with the square (one-set) form only");
+  TORCH_CHECK(!p.md.sigmoid || (!p.square && labels_x.has_value() && labels_y.has_value()),
+              "contrastive: the sigmoid form takes two sets and labels for both");
+  if (p.square) {
+    TORCH_CHECK(labels_x.has_value() != crow.has_value(), "contrastive: give exactly one of labels or crow/col");
+  } else {
+    TORCH_CHECK(labels_x.has_value() && labels_y.has_value() && !crow.has_value(),
+                "contrastive: the two-set form takes labels for both sets (and no CSR)");
+  }
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = x.options().dtype(acc_dtype);
+  const int64_t nb = p.square ? p.nx : p.ny;
+  p.ch = at::empty({nb + p.nq, p.k}, opts);
+  p.norm_c = at::empty({nb + p.nq}, opts);
+  at::Tensor norm_q = p.norm_c.narrow(0, nb, p.nq);
+  if (p.square) {
+    p.xh = p.ch.narrow(0, 0, p.nx);
+    p.norm_x = p.norm_c.narrow(0, 0, p.nx);
+  } else {
+    p.xh = at::empty({p.nx, p.k}, opts);
+    p.norm_x = at::empty({p.nx}, opts);
+    p.yh = p.ch.narrow(0, 0, p.ny);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "contrastive_prepare", [&] {
+    using acc = acc_t<scalar_t>;
+    normalise_rows<scalar_t, acc>(x, p.md.normalize, p.xh.data_ptr<acc>(), p.norm_x.data_ptr<acc>());
+    if (!p.square) normalise_rows<scalar_t, acc>(*y, p.md.normalize, p.yh.data_ptr<acc>(), p.norm_c.data_ptr<acc>());
+    if (p.nq) normalise_rows<scalar_t, acc>(*neg, p.md.normalize, p.ch.data_ptr<acc>() + nb * p.k, norm_q.data_ptr<acc>());
+  });
+  if (labels_x.has_value()) {
+    if (p.square) {
+      p.lab_x = p.lab_c = dense_label_ids(*labels_x);
+    } else {
+      const at::Tensor ids = dense_label_ids(at::cat({labels_x->to(at::kLong), labels_y->to(at::kLong)}));
+      p.lab_x = ids.narrow(0, 0, p.nx).contiguous();
+      p.lab_c = ids.narrow(0, p.nx, p.ny).contiguous();
+    }
+  } else {
+    p.crow = crow->to(at::kLong).contiguous();
+    p.col = col->to(at::kLong).contiguous();
+  }
+  return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor& z_in, const c10::optional<at::Tensor>& labels_in,
-                                                                const c10::optional<at::Tensor>& crow_in,
-                                                                const c10::optional<at::Tensor>& col_in, double temperature,
-                                                                int64_t row_start, int64_t row_end) {
-  NoAutocast no_autocast;  // csrc/no_autocast.h
-  check_window(z_in, row_start, row_end);
-  TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_fwd_cxx: give exactly one of labels or crow/col");
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor labels = labels_in.has_value() ? dense_label_ids(*labels_in) : at::Tensor();
-  const at::Tensor crow = crow_in.has_value() ? crow_in->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor col = col_in.has_value() ? col_in->to(at::kLong).contiguous() : at::Tensor();
-  const int64_t m = z.size(0), k = z.size(1), b = row_end - row_start;
-  const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = z.options().dtype(acc_dtype);
-  at::Tensor loss = at::empty({b}, opts), count = at::empty({b}, opts), lse = at::empty({b}, opts);
-  if (b == 0) return {loss, count, lse};
-  at::Tensor zh = at::empty({m, k}, opts), norm = at::empty({m}, opts);
-  const Relation rel = make_relation(labels, crow, col);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "info_nce_fwd_cxx", [&] {
-    using acc = acc_t<scalar_t>;
-    normalise_rows<scalar_t, acc>(z.data_ptr<scalar_t>(), m, k, zh.data_ptr<acc>(), norm.data_ptr<acc>());
-    forward_kernel<acc>(zh, rel, static_cast<acc>(1.0 / temperature), row_start, row_end, loss.data_ptr<acc>(),
-                        count.data_ptr<acc>(), lse.data_ptr<acc>());
-  });
-  return {loss, count, lse};
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-at::Tensor info_nce_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z_in, const c10::optional<at::Tensor>& labels_in,
-                            const c10::optional<at::Tensor>& crow_in, const c10::optional<at::Tensor>& col_in,
-                            const at::Tensor& pos_count, const at::Tensor& lse, double temperature, int64_t row_start,
-                            int64_t row_end) {
+template <typename acc>
+Pass<acc> make_pass(const Prepared& p, const at::Tensor& rows, const at::Tensor& cols, int64_t nb, const at::Tensor& lab_r,
+                    const at::Tensor& lab_c, const at::Tensor& scale, const at::Tensor& bias, double sigma) {
+  Pass<acc> ps;
+  ps.rows_t = rows;
+  ps.cols_t = cols;
+  ps.nb = nb;
+  ps.lab_r = ptr_or_null<int32_t>(lab_r);
+  ps.lab_c = ptr_or_null<int32_t>(lab_c);
+  ps.md = p.md;
+  ps.t = scale.to(rows.scalar_type()).item<acc>();
+  ps.b = bias.to(rows.scalar_type()).item<acc>();
+  ps.inv_sigma = static_cast<acc>(1.0 / sigma);
+  return ps;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& neg,
+    const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y, const c10::optional<at::Tensor>& crow,
+    const c10::optional<at::Tensor>& col, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys,
+    int64_t ye, int64_t flags, double sigma) {
   NoAutocast no_autocast;  // csrc/no_autocast.h
-  check_window(z_in, row_start, row_end);
-  TORCH_CHECK(labels_in.has_value() != crow_in.has_value(), "info_nce_bwd_cxx: give exactly one of labels or crow/col");
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor labels = labels_in.has_value() ? dense_label_ids(*labels_in) : at::Tensor();
-  const at::Tensor crow = crow_in.has_value() ? crow_in->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor col = col_in.has_value() ? col_in->to(at::kLong).contiguous() : at::Tensor();
-  const int64_t m = z.size(0), k = z.size(1);
-  const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = z.options().dtype(acc_dtype);
-  at::Tensor dz = at::empty({m, k}, z.options());
-  if (m == 0 || k == 0) return dz.zero_();
-  // Per-row (M,) weights: a_k = g_k·[|P(k)| > 0] in the window, 0 elsewhere; LSE_k; 1/|P(k)|.
-  const at::Tensor g = grad_rows.to(acc_dtype);
-  const at::Tensor cnt = pos_count.to(acc_dtype);
-  const at::Tensor has = cnt > 0;
-  at::Tensor weight = at::zeros({m}, opts), lse_w = at::full({m}, std::numeric_limits<double>::infinity(), opts),
-             inv_cnt = at::zeros({m}, opts);
-  weight.narrow(0, row_start, row_end - row_start).copy_(at::where(has, g, at::zeros_like(g)));
-  lse_w.narrow(0, row_start, row_end - row_start).copy_(at::where(has, lse.to(acc_dtype), at::full_like(g, INFINITY)));
-  inv_cnt.narrow(0, row_start, row_end - row_start).copy_(at::where(has, cnt.reciprocal(), at::zeros_like(cnt)));
-  at::Tensor zh = at::empty({m, k}, opts), norm = at::empty({m}, opts);
-  const Relation rel = make_relation(labels, crow, col);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "info_nce_bwd_cxx", [&] {
-    using acc = acc_t<scalar_t>;
-    normalise_rows<scalar_t, acc>(z.data_ptr<scalar_t>(), m, k, zh.data_ptr<acc>(), norm.data_ptr<acc>());
-    backward_kernel<scalar_t, acc>(zh, norm.data_ptr<acc>(), rel, static_cast<acc>(1.0 / temperature), row_start, row_end,
-                                   weight.data_ptr<acc>(), lse_w.data_ptr<acc>(), inv_cnt.data_ptr<acc>(),
-                                   dz.data_ptr<scalar_t>());
+  const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
+  const auto opts = p.ch.options();
+  const int64_t by = p.bidir ? ye - ys : 0;
+  at::Tensor diff_x = at::zeros({xe - xs, 3}, opts), aux_x = at::zeros({xe - xs, 3}, opts);
+  at::Tensor diff_y = at::zeros({by, 3}, opts), aux_y = at::zeros({by, 3}, opts);
+  AT_DISPATCH_FLOATING_TYPES(p.ch.scalar_type(), "contrastive_fwd_cxx", [&] {
+    using acc = scalar_t;
+    const int64_t nb = p.square ? p.nx : p.ny;
+    Pass<acc> px = make_pass<acc>(p, p.xh, p.ch, nb, p.lab_x, p.lab_c, scale, bias, sigma);
+    px.self_excl = p.square;
+    if (p.crow.defined()) px.csr = Csr{p.crow.data_ptr<int64_t>(), p.col.data_ptr<int64_t>()};
+    if (xe > xs) forward_pass<acc>(px, xs, xe, diff_x.data_ptr<acc>(), aux_x.data_ptr<acc>());
+    if (by > 0) {
+      Pass<acc> py = make_pass<acc>(p, p.yh, p.xh, p.nx, p.lab_c, p.lab_x, scale, bias, sigma);
+      forward_pass<acc>(py, ys, ye, diff_y.data_ptr<acc>(), aux_y.data_ptr<acc>());
+    }
   });
-  return dz;
+  return {diff_x, aux_x, diff_y, aux_y};
+}
+
+// (a, lse, gp, gq) per row of a set of n rows, zero outside the window [w0, w1).
+at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, int64_t n, int64_t w0, int64_t w1, bool sigmoid,
+                        const at::TensorOptions& opts) {
+  at::Tensor c = at::zeros({4, n}, opts);
+  c[1].fill_(std::numeric_limits<double>::infinity());
+  if (w1 <= w0) return c;
+  const at::Tensor g = grad.to(opts.dtype());
+  const at::Tensor a = g.select(1, 0);
+  c[0].narrow(0, w0, w1 - w0).copy_(a);
+  if (!sigmoid) {
+    const at::Tensor live = a != 0;
+    c[1].narrow(0, w0, w1 - w0).copy_(at::where(live, diff.select(1, 0).to(opts.dtype()), at::full_like(a, INFINITY)));
+    c[2].narrow(0, w0, w1 - w0).copy_(g.select(1, 1));
+    c[3].narrow(0, w0, w1 - w0).copy_(g.select(1, 2));
+  }
+  return c;
+}
+
+template <typename acc>
+Coef<acc> coef_ptrs(const at::Tensor& c) {
+  Coef<acc> out;
+  const acc* base = c.data_ptr<acc>();
+  const int64_t n = c.size(1);
+  out.a = base, out.lse = base + n, out.gp = base + 2 * n, out.gq = base + 3 * n;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
+    const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+    const c10::optional<at::Tensor>& neg, const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y,
+    const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, const at::Tensor& diff_x,
+    const at::Tensor& diff_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
+    int64_t flags, double sigma, bool need_x, bool need_y, bool need_neg) {
+  NoAutocast no_autocast;  // csrc/no_autocast.h
+  const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
+  const auto opts = p.ch.options();
+  const int64_t k = p.k, nb = p.square ? p.nx : p.ny;
+  at::Tensor dx = at::zeros({need_x ? p.nx : 0, k}, x.options());
+  at::Tensor dy = at::zeros({need_y && !p.square ? p.ny : 0, k}, x.options());
+  at::Tensor dneg = at::zeros({need_neg ? p.nq : 0, k}, x.options());
+  const at::Tensor cx = coefficients(grad_x, diff_x, p.nx, xs, xe, p.md.sigmoid, opts);
+  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, p.ny, ys, ye, p.md.sigmoid, opts)
+                                : coefficients(grad_y, diff_y, nb + p.nq, 0, 0, p.md.sigmoid, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "contrastive_bwd_cxx", [&] {
+    using acc = acc_t<scalar_t>;
+    if (p.square) {
+      // columns [x; negatives]: the x rows' own coefficients, zeros for the negatives
+      at::Tensor cc = at::zeros({4, p.nx + p.nq}, opts);
+      cc.narrow(1, 0, p.nx).copy_(cx);
+      cc[1].narrow(0, p.nx, p.nq).fill_(std::numeric_limits<double>::infinity());
+      if (need_x && p.nx) {
+        Pass<acc> ps = make_pass<acc>(p, p.xh, p.ch, p.nx, p.lab_x, p.lab_c, scale, bias, sigma);
+        ps.self_excl = true;
+        if (p.crow.defined()) ps.csr = Csr{p.crow.data_ptr<int64_t>(), p.col.data_ptr<int64_t>()};
+        at::Tensor g = at::empty({p.nx, k}, opts);
+        backward_pass<acc>(ps, coef_ptrs<acc>(cx), coef_ptrs<acc>(cc), xs, xe, xs, xe, g.data_ptr<acc>());
+        if (ps.csr.crow) csr_positive_grad<acc>(ps, coef_ptrs<acc>(cx), g.data_ptr<acc>());
+        normalise_backward<scalar_t, acc>(p.xh.data_ptr<acc>(), p.norm_x.data_ptr<acc>(), g.data_ptr<acc>(), p.md.normalize,
+                                          p.nx, k, dx.data_ptr<scalar_t>());
+      }
+      if (need_neg && p.nq) {
+        const at::Tensor qh = p.ch.narrow(0, p.nx, p.nq);
+        Pass<acc> ps = make_pass<acc>(p, qh, p.xh, p.nx, at::Tensor(), at::Tensor(), scale, bias, sigma);
+        ps.rows_extra = true;
+        at::Tensor g = at::empty({p.nq, k}, opts);
+        backward_pass<acc>(ps, Coef<acc>(), coef_ptrs<acc>(cx), 0, 0, xs, xe, g.data_ptr<acc>());
+        normalise_backward<scalar_t, acc>(qh.data_ptr<acc>(), p.norm_c.data_ptr<acc>() + p.nx, g.data_ptr<acc>(),
+                                          p.md.normalize, p.nq, k, dneg.data_ptr<scalar_t>());
+      }
+      return;
+    }
+    const Coef<acc> kx = coef_ptrs<acc>(cx), ky = coef_ptrs<acc>(cy);
+    const int64_t yw0 = p.bidir ? ys : 0, yw1 = p.bidir ? ye : 0;
+    if (need_x && p.nx) {
+      Pass<acc> ps = make_pass<acc>(p, p.xh, p.yh, p.ny, p.lab_x, p.lab_c, scale, bias, sigma);
+      at::Tensor g = at::empty({p.nx, k}, opts);
+      backward_pass<acc>(ps, kx, ky, xs, xe, yw0, yw1, g.data_ptr<acc>());
+      normalise_backward<scalar_t, acc>(p.xh.data_ptr<acc>(), p.norm_x.data_ptr<acc>(), g.data_ptr<acc>(), p.md.normalize,
+                                        p.nx, k, dx.data_ptr<scalar_t>());
+    }
+    if (need_y && p.ny) {
+      Pass<acc> ps = make_pass<acc>(p, p.yh, p.xh, p.nx, p.lab_c, p.lab_x, scale, bias, sigma);
+      at::Tensor g = at::empty({p.ny, k}, opts);
+      backward_pass<acc>(ps, ky, kx, yw0, yw1, xs, xe, g.data_ptr<acc>());
+      normalise_backward<scalar_t, acc>(p.yh.data_ptr<acc>(), p.norm_c.data_ptr<acc>(), g.data_ptr<acc>(), p.md.normalize,
+                                        p.ny, k, dy.data_ptr<scalar_t>());
+    }
+  });
+  return {dx, dy, dneg};
 }
 
 }  // namespace
 }  // namespace sslops
 
 TORCH_LIBRARY_IMPL(sslops, CPU, m) {
-  m.impl("info_nce_fwd_cxx", &sslops::info_nce_fwd_cpu);
-  m.impl("info_nce_bwd_cxx", &sslops::info_nce_bwd_cpu);
+  m.impl("contrastive_fwd_cxx", &sslops::contrastive_fwd_cpu);
+  m.impl("contrastive_bwd_cxx", &sslops::contrastive_bwd_cpu);
 }

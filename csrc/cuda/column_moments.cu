@@ -34,16 +34,17 @@ std::tuple<at::Tensor, at::Tensor> column_moments_cuda(const at::Tensor& z_in) {
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
   cudaStream_t stream = current_cuda_stream(z.device().index());
   // one chunk: the chunk kernel writes the results; several: (chunks, K) partials, then the merge
-  at::Tensor pmean = chunks == 1 ? mean : at::empty({chunks, k}, mean.options());
+  at::Tensor pmean = chunks == 1 ? mean : at::empty({chunks, k}, mean.options().dtype(at::kDouble));
   at::Tensor pm2 = chunks == 1 ? m2 : at::empty({chunks, k}, m2.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "column_moments_cxx", [&] {
     using acc = at::opmath_type<scalar_t>;
-    column_chunk_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), nullptr, n, k, chunk,
-                                                                   pmean.data_ptr<acc>(), pm2.data_ptr<acc>(), nullptr);
+    column_chunk_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
+        z.data_ptr<scalar_t>(), nullptr, n, k, chunk, chunks == 1 ? mean.data_ptr<acc>() : nullptr,
+        chunks == 1 ? nullptr : pmean.data_ptr<double>(), pm2.data_ptr<acc>(), nullptr);
     if (chunks > 1) {
       SSLOPS_CUDA_CHECK_LAUNCH();
       const unsigned merge_blocks = static_cast<unsigned>((k + kMergeThreads - 1) / kMergeThreads);
-      column_merge_kernel<acc><<<merge_blocks, kMergeThreads, 0, stream>>>(pmean.data_ptr<acc>(), pm2.data_ptr<acc>(), nullptr, n, k,
+      column_merge_kernel<acc><<<merge_blocks, kMergeThreads, 0, stream>>>(pmean.data_ptr<double>(), pm2.data_ptr<acc>(), nullptr, n, k,
                                                                           chunk, chunks, mean.data_ptr<acc>(), m2.data_ptr<acc>(),
                                                                           nullptr, nullptr, acc(0));
     }

@@ -77,7 +77,7 @@ template <typename scalar_t, typename acc_t, int MODE, bool HAVE_STATS>
 __global__ void normalise_kernel(const scalar_t* __restrict__ z, int64_t n, int64_t k, int64_t chunk, acc_t* __restrict__ mean,
                                  acc_t* __restrict__ m2, acc_t* __restrict__ rstd, acc_t eps, acc_t* __restrict__ out,
                                  const scalar_t* __restrict__ other, acc_t* __restrict__ sq) {
-  __shared__ acc_t partial[kRows][kCols];
+  __shared__ double partial[kRows][kCols];
   __shared__ acc_t col_mean[kCols];
   __shared__ acc_t col_scale[kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -175,42 +175,33 @@ __global__ void vicreg_dz_kernel(const acc_t* __restrict__ zh, const acc_t* __re
   }
 }
 
-// d = c0·p + other·w[c]; per row chunk: part[0][chunk][col] = Σ d, part[1][chunk][col] = Σ d ⊙ self
+// d = c0·p + other·w[c]; over rows [r_lo, r_hi): sum_d = Σ d, sum_ds = Σ d ⊙ self (RunSum per
+// thread, the block's threads added in double in a fixed order: column_reduce.cuh)
 template <typename acc_t>
 __device__ void bn_block_sums(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
-                              acc_t c0, acc_t wc, int64_t r_lo, int64_t r_hi, int64_t k, int64_t col, acc_t (&p1)[kRows][kCols],
-                              acc_t (&p2)[kRows][kCols], acc_t& sum_d, acc_t& sum_ds) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  acc_t s1 = 0, s2 = 0;
+                              acc_t c0, acc_t wc, int64_t r_lo, int64_t r_hi, int64_t k, int64_t col,
+                              double (&partial)[kRows][kCols], acc_t& sum_d, acc_t& sum_ds) {
+  RunSum<acc_t> s1, s2;
   if (col < k)
-    for (int64_t r = r_lo + ty; r < r_hi; r += kRows) {
+    for (int64_t r = r_lo + threadIdx.y; r < r_hi; r += kRows) {
       const int64_t i = r * k + col;
       const acc_t d = c0 * p[i] + other[i] * wc;
-      s1 += d;
-      s2 += d * self[i];
+      s1.add(d);
+      s2.add(d * self[i]);
     }
-  p1[ty][tx] = s1;
-  p2[ty][tx] = s2;
-  __syncthreads();
-  acc_t a = 0, b = 0;
-  for (int j = 0; j < kRows; ++j) {  // every thread adds its column's rows in the same order
-    a += p1[j][tx];
-    b += p2[j][tx];
-  }
-  sum_d = a;
-  sum_ds = b;
+  sum_d = static_cast<acc_t>(column_rows_total(s1.value(), partial));
+  sum_ds = static_cast<acc_t>(column_rows_total(s2.value(), partial));
 }
 
 template <typename acc_t>
 __global__ void bn_sums_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
                                const acc_t* __restrict__ w, const acc_t* __restrict__ coef, int64_t n, int64_t k, int64_t chunk,
                                acc_t* __restrict__ part) {
-  __shared__ acc_t p1[kRows][kCols];
-  __shared__ acc_t p2[kRows][kCols];
+  __shared__ double partial[kRows][kCols];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
   const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = r_lo + chunk < n ? r_lo + chunk : n;
   acc_t a, b;
-  bn_block_sums(p, self, other, coef[0], col < k ? w[col] : acc_t(0), r_lo, r_hi, k, col, p1, p2, a, b);
+  bn_block_sums(p, self, other, coef[0], col < k ? w[col] : acc_t(0), r_lo, r_hi, k, col, partial, a, b);
   if (threadIdx.y == 0 && col < k) {
     const int64_t i = static_cast<int64_t>(blockIdx.y) * k + col;
     part[i] = a;
@@ -224,8 +215,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
                                  const acc_t* __restrict__ w, const acc_t* __restrict__ coef, const acc_t* __restrict__ rstd,
                                  const acc_t* __restrict__ sums, int64_t n, int64_t k, int64_t chunk, scalar_t* __restrict__ out) {
-  __shared__ acc_t p1[kRows][kCols];
-  __shared__ acc_t p2[kRows][kCols];
+  __shared__ double partial[kRows][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const int64_t r_lo = static_cast<int64_t>(blockIdx.y) * chunk, r_hi = r_lo + chunk < n ? r_lo + chunk : n;
@@ -234,7 +224,7 @@ __global__ void bn_finish_kernel(const acc_t* __restrict__ p, const acc_t* __res
   const acc_t wc = live ? w[col] : acc_t(0);
   acc_t sum_d = 0, dot = 0;
   if (sums == nullptr) {  // uniform over the grid
-    bn_block_sums(p, self, other, c0, wc, r_lo, r_hi, k, col, p1, p2, sum_d, dot);
+    bn_block_sums(p, self, other, c0, wc, r_lo, r_hi, k, col, partial, sum_d, dot);
   } else if (live) {
     sum_d = sums[col];
     dot = sums[k + col];
@@ -303,15 +293,15 @@ void normalise(const at::Tensor& z, at::Tensor& mean, at::Tensor& m2, at::Tensor
       return;
     }
     if (!have_stats) {
-      at::Tensor pmean = at::empty({chunks, k}, mean.options()), pm2 = at::empty({chunks, k}, mean.options());
+      at::Tensor pmean = at::empty({chunks, k}, mean.options().dtype(at::kDouble)), pm2 = at::empty({chunks, k}, mean.options());
       at::Tensor psq = fuse ? at::empty({chunks, k}, mean.options()) : at::Tensor();
       acc* psqp = fuse ? psq.data_ptr<acc>() : nullptr;
-      column_chunk_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), op, n, k, chunk, pmean.data_ptr<acc>(),
-                                                                     pm2.data_ptr<acc>(), psqp);
+      column_chunk_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(z.data_ptr<scalar_t>(), op, n, k, chunk, nullptr,
+                                                                     pmean.data_ptr<double>(), pm2.data_ptr<acc>(), psqp);
       SSLOPS_CUDA_CHECK_LAUNCH();
       const unsigned merge_blocks = static_cast<unsigned>((k + kMergeThreads - 1) / kMergeThreads);
-      column_merge_kernel<acc><<<merge_blocks, kMergeThreads, 0, stream>>>(pmean.data_ptr<acc>(), pm2.data_ptr<acc>(), psqp, n, k, chunk,
-                                                                          chunks, mean.data_ptr<acc>(), m2p, sqp,
+      column_merge_kernel<acc><<<merge_blocks, kMergeThreads, 0, stream>>>(pmean.data_ptr<double>(), pm2.data_ptr<acc>(), psqp, n, k,
+                                                                          chunk, chunks, mean.data_ptr<acc>(), m2p, sqp,
                                                                           MODE == 1 ? rsp : nullptr, static_cast<acc>(eps));
       SSLOPS_CUDA_CHECK_LAUNCH();
     }

@@ -23,11 +23,14 @@ most ``_RELATION_CHUNK_BYTES`` (64 MB), so none of N×K or P×K size exists besi
 listed here:
 
 * ``labels``: groups by sort + searchsorted (gid = first sorted position of the label, m =
-  group size). Forward: the group means μ (one (N, K) buffer, row gid; index_add then divide),
-  then Σ_{i≠j∈g}‖z_i - z_j‖² = 2m_g Σ_{i∈g}‖z_i - μ_g‖² — centred on the means, so it does not
-  cancel the way 2mΣ‖z_i‖² - 2‖Σz_i‖² does; nnz = Σ_g m_g(m_g - 1). Saves z, gid, m, μ.
-  Backward: d/dz_i = 4m_g(z_i - μ_g) (the μ-dependence drops out: Σ_{i∈g}(z_i - μ_g) = 0), one
-  gather of μ per row, no scatter. Bytes: forward reads z twice and writes/reads μ; backward
+  group size, a = the row at that position: one sample of each group). Every row is taken
+  relative to its group's sample, d_i = z_i - z_a (exact when |z| ≫ its spread: groups centred
+  on fp32 means of values near 1e5 lost 60× against the reference's pairwise differences).
+  Forward: the group means of d, δ (one (N, K) buffer, row gid; index_add then divide), then
+  Σ_{i≠j∈g}‖z_i - z_j‖² = 2m_g Σ_{i∈g}‖d_i - δ_g‖² — centred, so it does not cancel the way
+  2mΣ‖z_i‖² - 2‖Σz_i‖² does; nnz = Σ_g m_g(m_g - 1). Saves z, gid, a, m, δ.
+  Backward: d/dz_i = 4m_g(d_i - δ_g) (the mean's dependence drops out: Σ_{i∈g}(d_i - δ_g) = 0),
+  two gathers per row (z_a, δ), no scatter. Bytes: forward reads z twice and writes/reads μ; backward
   reads z and μ and writes dz — about 3 N×K reads and 2 writes each way. Peak (fp32, forward +
   backward): μ, dz and one chunk, ≤ 3 N×K buffers (the autograd version it replaced: 4).
 * ``pairs``: each pair as (min, max), sorted by key i·N + j; the first copy of each distinct
@@ -330,12 +333,20 @@ def _chunk_rows(k, dtype):
 
 
 def _label_groups(labels, n, acc, device):
-    """(gid, count, m): gid = first sorted position of each row's label (a group id in [0, N)),
-    count[g] = size of group g (indexed by gid), m = count[gid], the group size per row."""
+    """(gid, anchor, count, m): gid = first sorted position of each row's label (a group id in
+    [0, N)), anchor = the row at that position (one sample of the group), count[g] = size of
+    group g (indexed by gid), m = count[gid], the group size per row."""
     lab = labels.long()
-    gid = torch.searchsorted(torch.sort(lab).values, lab)
+    ordered = torch.sort(lab, stable=True)
+    gid = torch.searchsorted(ordered.values, lab)
     count = torch.zeros(n, dtype=acc, device=device).index_add_(0, gid, torch.ones(n, dtype=acc, device=device))
-    return gid, count, count[gid]
+    return gid, ordered.indices[gid], count, count[gid]
+
+
+def _from_anchor(z, anchor, s, step, acc):
+    """Rows [s, s + step) of z minus their groups' samples z_anchor, in acc: one (rows, K) buffer."""
+    d = z.index_select(0, anchor[s:s + step]).to(acc)
+    return d.neg_().add_(z[s:s + step])
 
 
 def _canonical_pairs(pairs, n, acc):
@@ -357,7 +368,8 @@ def relation_invariance_fwd(z: torch.Tensor, labels: Optional[torch.Tensor], pai
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, nnz, rows, cols, weight, mean): total = Σ_ij G_ij‖z_i - z_j‖², nnz = nnz(G), plus what the backward reads.
 
-    labels: rows = gid (N,), cols = empty, weight = m (N,), mean = (N, K) group means at row gid.
+    labels: rows = gid (N,), cols = anchor (N,), weight = m (N,), mean = (N, K) group means of
+    z - z_anchor at row gid.
     pairs: rows = i (P,), cols = j (P,), weight = w (P,), mean = empty (0, K).
     """
     n, k = z.shape
@@ -365,16 +377,16 @@ def relation_invariance_fwd(z: torch.Tensor, labels: Optional[torch.Tensor], pai
     step = _chunk_rows(k, acc)
     total = torch.zeros((), dtype=acc, device=z.device)
     if labels is not None:
-        gid, count, m = _label_groups(labels, n, acc, z.device)
+        gid, anchor, count, m = _label_groups(labels, n, acc, z.device)
         mean = torch.zeros((n, k), dtype=acc, device=z.device)
         for s in range(0, n, step):
-            mean.index_add_(0, gid[s:s + step], z[s:s + step].to(acc))
+            mean.index_add_(0, gid[s:s + step], _from_anchor(z, anchor, s, step, acc))
         mean.div_(count.clamp(min=1)[:, None])
         for s in range(0, n, step):
-            d = mean.index_select(0, gid[s:s + step])
-            d.sub_(z[s:s + step])  # mean - z: the sign does not matter once squared
+            d = _from_anchor(z, anchor, s, step, acc)
+            d.sub_(mean.index_select(0, gid[s:s + step]))
             total += torch.dot(d.square_().sum(dim=1), m[s:s + step])
-        return total * 2.0, (m - 1.0).sum(), gid, gid.new_empty((0,)), m, mean
+        return total * 2.0, (m - 1.0).sum(), gid, anchor, m, mean
     i, j, w = _canonical_pairs(pairs, n, acc)
     for s in range(0, i.shape[0], step):
         d = z.index_select(0, i[s:s + step]).to(acc)
@@ -391,7 +403,7 @@ def _(z, labels, pairs):
     scalar = z.new_empty((), dtype=acc)
     if labels is not None:
         gid = z.new_empty((n,), dtype=torch.int64)
-        return scalar, scalar.clone(), gid, z.new_empty((0,), dtype=torch.int64), z.new_empty((n,), dtype=acc), z.new_empty((n, k), dtype=acc)
+        return scalar, scalar.clone(), gid, gid.clone(), z.new_empty((n,), dtype=acc), z.new_empty((n, k), dtype=acc)
     p = pairs.shape[1]
     idx = z.new_empty((p,), dtype=torch.int64)
     return scalar, scalar.clone(), idx, idx.clone(), z.new_empty((p,), dtype=acc), z.new_empty((0, k), dtype=acc)
@@ -407,13 +419,18 @@ def relation_invariance_bwd(grad: torch.Tensor, z: torch.Tensor, rows: torch.Ten
     step = _chunk_rows(k, acc)
     g = grad.to(acc)
     if by_labels:
-        # d/dz_i 2m Σ_{i∈g}‖z_i - μ_g‖² = 4m(z_i - μ_g): the μ terms sum to 0 over the group
+        # d/dz_i 2m Σ_{i∈g}‖d_i - δ_g‖² = 4m(d_i - δ_g), d_i = z_i - z_a: the δ terms sum to 0
+        # over the group (cols holds the anchors a)
         dz = torch.empty((n, k), dtype=z.dtype, device=z.device)
         scale = weight * (4.0 * g)
         for s in range(0, n, step):
-            d = mean.index_select(0, rows[s:s + step])
-            d.sub_(z[s:s + step]).mul_(scale[s:s + step, None].neg())
-            dz[s:s + step].copy_(d)
+            # δ gathered straight into dz's rows when dz is in the accumulation dtype (one (rows, K)
+            # temporary, the anchors' gather, as before the anchors existed)
+            d = dz[s:s + step] if dz.dtype == acc else torch.empty((min(step, n - s), k), dtype=acc, device=z.device)
+            torch.index_select(mean, 0, rows[s:s + step], out=d)
+            d.neg_().add_(_from_anchor(z, cols, s, step, acc)).mul_(scale[s:s + step, None])  # (z_i - z_a) - δ_g
+            if d.data_ptr() != dz[s:s + step].data_ptr():
+                dz[s:s + step].copy_(d)
         return dz
     # d/dz_i 2w‖z_i - z_j‖² = 4w(z_i - z_j), the negative for z_j; scattered by index_add
     # (sequential on the CPU; on CUDA float atomics unless torch.use_deterministic_algorithms)
