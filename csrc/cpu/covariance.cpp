@@ -248,6 +248,13 @@ at::Tensor vicreg_view_backward_cpu(const at::Tensor& z_in, const c10::optional<
       // of z and no N×K product (the backward's peak memory is dz and the blocks).
       const at::Tensor cov = prod.to(acc_dtype);
       const acc* mp = mean_c.data_ptr<acc>();
+      // the mean's residual, as normalise_columns takes it: Σ_r (z_r - mean) / N in double
+      std::vector<acc> res(k);
+      parallel_for(k, kColGrain, [&](int64_t c0, int64_t c1) {
+        std::vector<double> dev(c1 - c0);
+        column_sums<acc, 1>(n, c1 - c0, dev.data(), [&](int64_t r, int64_t c, acc* t) { t[0] = static_cast<acc>(zp[r * k + c0 + c]) - mp[c0 + c]; });
+        for (int64_t c = c0; c < c1; ++c) res[c] = static_cast<acc>(dev[c - c0] / static_cast<double>(n));
+      });
       const int64_t rows = block_rows(n, k, 2), blocks = (n + rows - 1) / rows;
       parallel_for_ops(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         at::Tensor zb = at::empty({rows, k}, opts), tb = at::empty({rows, k}, opts);
@@ -255,7 +262,7 @@ at::Tensor vicreg_view_backward_cpu(const at::Tensor& z_in, const c10::optional<
           const int64_t r0 = b * rows, m = std::min(rows, n - r0);
           acc* zbp = zb.data_ptr<acc>();
           for (int64_t i = 0; i < m; ++i)
-            for (int64_t c = 0; c < k; ++c) zbp[i * k + c] = (static_cast<acc>(zp[(r0 + i) * k + c]) - mp[c]) * s;
+            for (int64_t c = 0; c < k; ++c) zbp[i * k + c] = ((static_cast<acc>(zp[(r0 + i) * k + c]) - mp[c]) - res[c]) * s;
           at::Tensor tv = tb.narrow(0, 0, m);
           at::mm_out(tv, zb.narrow(0, 0, m), cov);
           write_rows(zbp, tb.data_ptr<acc>(), r0, m);
