@@ -129,7 +129,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
     r"""VICReg over a relation matrix G (Balestriero & LeCun 2022, the spectral view).
 
     One matrix ``z`` of N rows; G is symmetric with a zero diagonal, given by ``labels``
-    (G_ij = [labels_i = labels_j], i ≠ j) or by ``pairs`` (a (2, P) int64 tensor; a pair
+    (G_ij = [labels_i = labels_j], i ≠ j) or by ``pairs`` (a (2, P) int64 (or int32) tensor; a pair
     given once counts both ways, duplicates count once, self-pairs are dropped).
 
     .. math::
@@ -145,7 +145,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
 
     Args:
         z: (N, K) embeddings, N >= 2.
-        labels: (N,) integer tensor, or ``pairs``: (2, P) int64 indices in [0, N); exactly one.
+        labels: (N,) integer tensor, or ``pairs``: (2, P) int64 (or int32) indices in [0, N); exactly one.
         alpha, beta, gamma: weights of var, cov and inv (25, 1, 25).
         eps: added to the variance before the square root.
         gather: global-batch loss (conventions §5; README, "Distributed training"); ``pairs`` then hold
@@ -269,7 +269,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None
     Args:
         z: (N, K) embeddings (not necessarily normalised).
         labels: (N,) integers, G_ij = [labels_i = labels_j] for i ≠ j; or
-        pairs: (2, P) int64 row/column indices (symmetric; duplicates count once; self-pairs dropped).
+        pairs: (2, P) int64 (or int32) row/column indices (symmetric; duplicates count once; self-pairs dropped).
         temperature: τ > 0 (0.1), a float or a 0-d tensor.
         negatives: (M, K) extra negatives of z's dtype and device, or None.
         in_batch_negatives: whether the batch's other rows are candidates (True).
