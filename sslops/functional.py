@@ -109,6 +109,15 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
             all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
             backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "vicreg")
     with _checked("vicreg", gathering):
@@ -154,6 +163,15 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
             kernel on the global batch; ``"sums"``: all-reduce K×K sums
             (:mod:`sslops.distributed` tables the bytes of both). No backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "vicreg_relation")
     with _checked("vicreg_relation", gathering):
@@ -194,6 +212,15 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
             all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
             backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "barlow_twins")
     with _checked("barlow_twins", gathering):
@@ -322,6 +349,15 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, negatives=None, in_batch_negative
         decoupled: False, True (DCL) or "weighted" (DCLW).
         gather: global-batch negatives (conventions §5); ``negatives`` are not gathered.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "nt_xent")
     with _checked("nt_xent", gathering):
@@ -376,6 +412,12 @@ def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=Fals
         backend: see :mod:`sslops`.
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs); gradients in the inputs' dtype.
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "clip")
     with _checked("clip", gathering):
@@ -415,6 +457,12 @@ def siglip_loss(z_a, z_b, logit_scale, logit_bias, *, labels=None, normalize=Tru
         backend: see :mod:`sslops`.
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "siglip")
     with _checked("siglip", gathering):
