@@ -182,7 +182,7 @@ def main():
             "test": ["pytest>=7", "numpy", "tqdm"],
             "bench": ["tqdm", "matplotlib"],
             "metrics": ["torchmetrics>=1.0"],
-            "examples": ["scikit-learn>=1.3", "matplotlib", "tqdm"],
+            "examples": ["scikit-learn>=1.3", "matplotlib", "tqdm", "torchmetrics>=1.0", "lightning>=2.0"],
         },
         zip_safe=False,
     )

@@ -1,4 +1,4 @@
-"""Barlow Twins benchmarks (issue 3 extends this file).
+"""Barlow Twins benchmarks.
 
 Quick CPU set (the CPU target N=512, K=4096 fp32 included); ``--full`` (default on CUDA):
 N and K from 256 to 16384 in bf16 and fp32 with the official N=2048, K=8192.

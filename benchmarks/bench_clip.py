@@ -1,4 +1,4 @@
-"""CLIP benchmarks: sslops.clip_loss against open_clip's dense formula (issue 13).
+"""CLIP benchmarks: sslops.clip_loss against open_clip's dense formula.
 
 Two sets of N rows (K features), a learnable logit scale (a 0-d tensor with a gradient, as
 open_clip trains it). Naive PyTorch is open_clip's ``ClipLoss`` on normalised features: the

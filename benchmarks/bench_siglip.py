@@ -1,4 +1,4 @@
-"""SigLIP benchmarks: sslops.siglip_loss against open_clip's dense formula (issue 13).
+"""SigLIP benchmarks: sslops.siglip_loss against open_clip's dense formula.
 
 Two sets of N rows (K features), a learnable logit scale and bias (0-d tensors with
 gradients, the paper's initialisation t = 10, b = −10). Naive PyTorch is open_clip's

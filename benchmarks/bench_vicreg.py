@@ -1,4 +1,4 @@
-"""VICReg benchmarks: the two-view loss and the relation form (issue 3 extends this file).
+"""VICReg benchmarks: the two-view loss and the relation form.
 
 Providers per case: every sslops kernel backend, naive PyTorch (``sslops.reference`` in
 the input dtype), ``torch.compile`` of it. Sizes: a quick CPU set (the CPU target

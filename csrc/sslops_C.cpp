@@ -18,7 +18,7 @@ TORCH_LIBRARY(sslops, m) {
   // mean_k = Σ_n z_nk / N,  m2_k = Σ_n (z_nk - mean_k)², accumulated in fp32 (fp64 for fp64).
   m.def("column_moments_cxx(Tensor z) -> (Tensor mean, Tensor m2)");
 
-  // ---- covariance family: VICReg, VICReg relation, Barlow Twins (issue 3)
+  // ---- covariance family: VICReg, VICReg relation, Barlow Twins
   // (csrc/cpu/covariance.cpp, csrc/cuda/covariance.cu; wrapped by sslops/ops/covariance.py)
   // route: 0 = by shape, 1 = K×K product, 2 = N×N Gram product. Outputs in fp32 (fp64 for fp64).
   // VICReg, one view: terms = [Σ_k relu(1 - sqrt(var_k + eps)), Σ_{j≠k} Cov_jk², Σ (z - other)²], mean, m2;
@@ -47,7 +47,7 @@ TORCH_LIBRARY(sslops, m) {
   m.def("contrastive_fwd_cxx(Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma) -> (Tensor diff_x, Tensor aux_x, Tensor diff_y, Tensor aux_y)");
   m.def("contrastive_bwd_cxx(Tensor grad_x, Tensor grad_y, Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor diff_x, Tensor diff_y, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma, bool need_x, bool need_y, bool need_negatives) -> (Tensor dx, Tensor dy, Tensor dnegatives)");
 
-  // ---- matrix log / matrix cross-entropy / Matrix-SSL (issue 5)
+  // ---- matrix log / matrix cross-entropy / Matrix-SSL
   // (csrc/cpu/matrix_info.cpp, csrc/cuda/matrix_info.cu; math in csrc/cpu/matrix_info_impl.h)
   // One direction of Matrix-SSL, U(p, z) + γ·A(p, z), log by the order-n Taylor series.
   // Returns the loss and what the backward needs: Xu = C + (μ-1)I (C = pcᵀzc/N), P = Sp + μI,

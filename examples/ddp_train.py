@@ -104,7 +104,7 @@ def main():
 
     if world > 1:
         # Leave the process group in this order, so that none of gloo's threads outlives Python
-        # (issue 12: ~3 runs in 20 aborted after training on a loaded machine). A gloo worker
+        # (before: ~3 runs in 20 aborted after training on a loaded machine). A gloo worker
         # thread still holding a finished collective's tensors when the interpreter shuts down
         # needs the GIL to release them and dies with "terminate called without an active
         # exception" (SIGABRT). So every rank waits for the others (none leaves while a peer

@@ -6,7 +6,7 @@
 #   bash examples/stress_ddp.sh 50 2          # 50 runs with 2 busy-looping processes beside them
 #   SCRIPT=/tmp/copy.py bash examples/stress_ddp.sh 20   # another script with the same arguments
 #
-# The check of issue 12 item 1: before the example tore down its process group in the
+# The reliability check of the example: before the example tore down its process group in the
 # right order, about 3 runs in 20 ended in "terminate called without an active exception"
 # (rank 0 SIGABRT) after training had finished. Each line shows the run, its exit code,
 # its wall time and the 1-minute load average; the failing run's output is printed.

@@ -74,7 +74,7 @@ def check_same_layout(name_a, a, name_b, b, *, same_rows=True):
 
 
 def check_relation(n, device, labels, pairs):
-    """Exactly one of ``labels`` (N,) integers or ``pairs`` (2, P) int64 indices in [0, N)."""
+    """Exactly one of ``labels`` (N,) integers or ``pairs`` (2, P) int64 (or int32) indices in [0, N)."""
     if (labels is None) == (pairs is None):
         raise ValueError("give exactly one of labels (N,) or pairs (2, P); got " + ("both" if labels is not None else "neither"))
     if labels is not None:

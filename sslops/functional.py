@@ -128,6 +128,15 @@ def vicreg_loss(z_a, z_b, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=
             all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
             backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "vicreg")
     with _checked("vicreg", gathering):
@@ -148,7 +157,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
     r"""VICReg over a relation matrix G (Balestriero & LeCun 2022, the spectral view).
 
     One matrix ``z`` of N rows; G is symmetric with a zero diagonal, given by ``labels``
-    (G_ij = [labels_i = labels_j], i ≠ j) or by ``pairs`` (a (2, P) int64 tensor; a pair
+    (G_ij = [labels_i = labels_j], i ≠ j) or by ``pairs`` (a (2, P) int64 (or int32) tensor; a pair
     given once counts both ways, duplicates count once, self-pairs are dropped).
 
     .. math::
@@ -164,7 +173,7 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
 
     Args:
         z: (N, K) embeddings, N >= 2.
-        labels: (N,) integer tensor, or ``pairs``: (2, P) int64 indices in [0, N); exactly one.
+        labels: (N,) integer tensor, or ``pairs``: (2, P) int64 (or int32) indices in [0, N); exactly one.
         alpha, beta, gamma: weights of var, cov and inv (25, 1, 25).
         eps: added to the variance before the square root.
         gather: global-batch loss (conventions §5; README, "Distributed training"); ``pairs`` then hold
@@ -173,6 +182,15 @@ def vicreg_relation_loss(z, *, labels=None, pairs=None, alpha=25.0, beta=1.0, ga
             kernel on the global batch; ``"sums"``: all-reduce K×K sums
             (:mod:`sslops.distributed` tables the bytes of both). No backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "vicreg_relation")
     with _checked("vicreg_relation", gathering):
@@ -213,6 +231,15 @@ def barlow_twins_loss(z_a, z_b, *, lambd=0.0051, eps=1e-5, gather=False, backend
             all-reduce K×K sums (:mod:`sslops.distributed` tables the bytes of both). No
             backward collective.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "barlow_twins")
     with _checked("barlow_twins", gathering):
@@ -288,7 +315,7 @@ def info_nce_loss(z, *, labels=None, pairs=None, temperature=0.1, negatives=None
     Args:
         z: (N, K) embeddings (not necessarily normalised).
         labels: (N,) integers, G_ij = [labels_i = labels_j] for i ≠ j; or
-        pairs: (2, P) int64 row/column indices (symmetric; duplicates count once; self-pairs dropped).
+        pairs: (2, P) int64 (or int32) row/column indices (symmetric; duplicates count once; self-pairs dropped).
         temperature: τ > 0 (0.1), a float or a 0-d tensor.
         negatives: (M, K) extra negatives of z's dtype and device, or None.
         in_batch_negatives: whether the batch's other rows are candidates (True).
@@ -341,6 +368,15 @@ def nt_xent_loss(z_a, z_b, *, temperature=0.5, negatives=None, in_batch_negative
         decoupled: False, True (DCL) or "weighted" (DCLW).
         gather: global-batch negatives (conventions §5); ``negatives`` are not gathered.
         backend: see :mod:`sslops`.
+    Returns:
+        0-dim loss, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), under autocast too;
+        gradients in the inputs' dtype (first order: double backward raises).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "nt_xent")
     with _checked("nt_xent", gathering):
@@ -395,6 +431,12 @@ def clip_loss(z_a, z_b, logit_scale, *, labels=None, normalize=True, gather=Fals
         backend: see :mod:`sslops`.
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs); gradients in the inputs' dtype.
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "clip")
     with _checked("clip", gathering):
@@ -434,6 +476,12 @@ def siglip_loss(z_a, z_b, logit_scale, logit_bias, *, labels=None, normalize=Tru
         backend: see :mod:`sslops`.
     Returns:
         0-dim, fp32 (fp64 for fp64 inputs).
+    Raises:
+        TypeError/ValueError naming the argument: shapes (2-D, N >= 2 where a variance is
+        needed, the two inputs alike where the loss pairs them), dtypes,
+        devices, non-finite or out-of-range hyperparameters (conventions §6);
+        ``sslops.BackendUnavailableError`` when ``backend`` cannot run these tensors. NaN/Inf
+        input gives a NaN loss (an error under ``sslops.set_debug(True)``).
     """
     gathering = _gathering(gather, "siglip")
     with _checked("siglip", gathering):

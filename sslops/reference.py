@@ -163,7 +163,7 @@ def relation_matrix(n, labels=None, pairs=None, device=None):
     r"""Dense bool (n, n) positive relation G (zero diagonal, symmetric).
 
     - ``labels`` (n,) ints: ``G_ij = [labels_i == labels_j]`` for i ≠ j.
-    - ``pairs`` (2, P) int64 row/col indices (or a pair of 1-D index tensors): symmetric by
+    - ``pairs`` (2, P) int64 (or int32) row/col indices (or a pair of 1-D index tensors): symmetric by
       definition, so a pair given once counts both ways; a duplicated pair counts once;
       self-pairs (i, i) are dropped.
 

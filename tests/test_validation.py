@@ -201,6 +201,30 @@ def test_non_finite_input_gives_nan_by_default_and_error_in_debug():
         sslops.set_debug(False)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_wholly_non_finite_batch_gives_nan_on_every_loss(value, backend):
+    """A diverged step (every entry NaN or Inf) must not read as a perfect loss: an earlier CPU
+    InfoNCE kernel lost an all-NaN row's max and returned 0.0 for the batch."""
+    if not sslops.backends()[backend]["available"]:
+        pytest.skip(f"{backend} backend not built here")
+    bad, bad2 = torch.full((6, 4), value), torch.full((6, 4), value)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    losses = {
+        "vicreg": lambda: sslops.vicreg_loss(bad, bad2, backend=backend),
+        "vicreg_relation": lambda: sslops.vicreg_relation_loss(bad, labels=LABELS, backend=backend),
+        "barlow_twins": lambda: sslops.barlow_twins_loss(bad, bad2, backend=backend),
+        "info_nce": lambda: sslops.info_nce_loss(bad, labels=LABELS, backend=backend),
+        "info_nce_pairs": lambda: sslops.info_nce_loss(bad, pairs=torch.tensor([[0, 1], [3, 4]]), backend=backend),
+        "nt_xent": lambda: sslops.nt_xent_loss(bad, bad2, backend=backend),
+        "nt_xent_queue": lambda: sslops.nt_xent_loss(bad, bad2, negatives=torch.randn(5, 4), backend=backend),
+        "clip": lambda: sslops.clip_loss(bad, bad2, scale, backend=backend),
+        "siglip": lambda: sslops.siglip_loss(bad, bad2, scale, bias, backend=backend),
+    }
+    for name, loss in losses.items():
+        assert torch.isnan(loss()), name
+
+
 # ----------------------------------------------------------------------------- the contrastive family (conventions §3b)
 
 

@@ -86,7 +86,7 @@ def _tiles(kernel, dtype, k, aligned, member=False):
     Chosen 2026-11-22 from ``ptxas -v`` for sm_90 (tests/test_triton_sm90.py, no GPU here),
     under triton 3.6.0 (the GPU machine's) and 3.8.0, at an aligned shape (M = 1024,
     K = 256) and an odd wide one (M = 520, K = 1000, rows not 16-aligned), for the square
-    InfoNCE kernels; rechecked under 3.8.0 for the generalised kernels of issue 13 (the
+    InfoNCE kernels; rechecked under 3.8.0 for the generalised kernels of the contrastive family (the
     extra per-row accumulators, the two-set, sigmoid, decoupled and CSR-membership
     variants): no fp32/bf16/fp16 configuration spills (test_triton_sm90.py asserts it).
     None of this has been timed on a GPU: the choice is "largest tile that fits the
