@@ -317,7 +317,7 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
             member = cmask[None, :]
         s = _sim_tile(x_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_xm, stride_xk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
-        s = s * inv_r[:, None] * inv_c[None, :]
+        s = s * (inv_r[:, None] * inv_c[None, :])  # one rounding order for s_ij and s_ji
         valid = rmask[:, None] & cmask[None, :]
         if HAS_LABELS:
             lab_c = tl.load(labc_ptr + cols, mask=cols < NB, other=0)
@@ -442,7 +442,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
             member = cmask[None, :]
         s = _sim_tile(r_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_rm, stride_rk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
-        s = s * inv_r[:, None] * inv_c[None, :]
+        s = s * (inv_r[:, None] * inv_c[None, :])  # one rounding order for s_ij and s_ji
         valid = rmask[:, None] & cmask[None, :]
         if HAS_LABELS:
             lab_c = tl.load(labc_ptr + cols, mask=cmask & (cols < NB_C), other=0)

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     for (int q = 0; q < 4; ++q) {
       const int64_t gj = c0 + grp * 4 + q;
       const bool valid = live && gj < nc;
-      const acc sv = valid ? s[q] * inv_i * inv_norm(normc, gj, md.normalize) : acc(0);
+      const acc sv = valid ? s[q] * (inv_i * inv_norm(normc, gj, md.normalize)) : acc(0);
       const bool in_batch = gj < nb;
       bool positive = false;
       if (valid && in_batch) positive = labx ? labc[gj] == lab_i : (md.member && csr_walk(col, walk, walk_end, gj));
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(
       acc d = 0;
       if (live && gj < cend) {
         const acc inv_j = inv_norm(normc, gj, md.normalize);
-        const acc sv = s[q] * inv_i * inv_j;
+        const acc sv = s[q] * (inv_i * inv_j);  // as the forward: s_ij and s_ji round alike
         const bool in_batch = !rows_extra && gj < nb_c;
         bool positive = false;
         if (in_batch) positive = labr ? labc[gj] == lab_i : (member && csr_walk(col, walk, walk_end, gj));
