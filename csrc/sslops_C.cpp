@@ -42,10 +42,11 @@ TORCH_LIBRARY(sslops, m) {
   // flags: 1 sigmoid (SigLIP), 2 no in-batch negatives, 4 decoupled, 8 DCLW weights, 16 no
   // normalisation, 32 both directions. scale, bias: 0-d tensors. Forward per anchor row, fp32
   // (fp64 for fp64): diff = [lse, Σ_P s, Σ_P s·e^{s/σ}] (sigmoid: [Σ softplus(−y x), 0, 0]) and
-  // aux = [|P|, Σ p·s, Σ_P e^{s/σ}] (sigmoid: [|P|, Σ h·s, Σ h]). Backward: the gradients of
-  // the diff columns -> (dx, dy, dneg) in the inputs' dtype ((0, K) where not needed).
+  // aux = [|P|, Σ p·s, Σ_P e^{s/σ}, lse's rounding residual] (sigmoid: [|P|, Σ h·s, Σ h, 0]).
+  // Backward: the gradients of the diff columns, with the saved diff and aux -> (dx, dy, dneg)
+  // in the inputs' dtype ((0, K) where not needed).
   m.def("contrastive_fwd_cxx(Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma) -> (Tensor diff_x, Tensor aux_x, Tensor diff_y, Tensor aux_y)");
-  m.def("contrastive_bwd_cxx(Tensor grad_x, Tensor grad_y, Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor diff_x, Tensor diff_y, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma, bool need_x, bool need_y, bool need_negatives) -> (Tensor dx, Tensor dy, Tensor dnegatives)");
+  m.def("contrastive_bwd_cxx(Tensor grad_x, Tensor grad_y, Tensor x, Tensor? y, Tensor? negatives, Tensor? labels_x, Tensor? labels_y, Tensor? crow, Tensor? col, Tensor diff_x, Tensor diff_y, Tensor aux_x, Tensor aux_y, Tensor scale, Tensor bias, int x_start, int x_end, int y_start, int y_end, int flags, float sigma, bool need_x, bool need_y, bool need_negatives) -> (Tensor dx, Tensor dy, Tensor dnegatives)");
 
   // ---- matrix log / matrix cross-entropy / Matrix-SSL
   // (csrc/cpu/matrix_info.cpp, csrc/cuda/matrix_info.cu; math in csrc/cpu/matrix_info_impl.h)

@@ -218,13 +218,14 @@ def test_cxx_ops_called_directly_under_autocast():
         scale, bias, queue = torch.tensor(5.0), torch.tensor(-1.0), randn(7, K, seed=35)
         nce = ops.contrastive_fwd_cxx(z, None, queue, labels, None, None, None, scale, torch.tensor(0.0), 0, N, 0, 0, 0, 0.5)
         nce_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), nce[2], z, None, queue, labels, None, None, None, nce[0],
-                                        nce[2], scale, torch.tensor(0.0), 0, N, 0, 0, 0, 0.5, True, False, True)
+                                        nce[2], nce[1], nce[3], scale, torch.tensor(0.0), 0, N, 0, 0, 0, 0.5, True, False, True)
         clip = ops.contrastive_fwd_cxx(p, z, None, labels, labels, None, None, scale, torch.tensor(0.0), 0, N, 0, N, 32, 0.5)
         clip_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), torch.full((N, 3), 0.3), p, z, None, labels, labels, None,
-                                         None, clip[0], clip[2], scale, torch.tensor(0.0), 0, N, 0, N, 32, 0.5, True, True, False)
+                                         None, clip[0], clip[2], clip[1], clip[3], scale, torch.tensor(0.0), 0, N, 0, N, 32, 0.5,
+                                         True, True, False)
         sig = ops.contrastive_fwd_cxx(p, z, None, labels, labels, None, None, scale, bias, 0, N, 0, 0, 1, 0.5)
         sig_b = ops.contrastive_bwd_cxx(torch.full((N, 3), 0.7), sig[2], p, z, None, labels, labels, None, None, sig[0],
-                                        sig[2], scale, bias, 0, N, 0, 0, 1, 0.5, True, True, False)
+                                        sig[2], sig[1], sig[3], scale, bias, 0, N, 0, 0, 1, 0.5, True, True, False)
         vic = ops.vicreg_view_forward_cxx(z, p, 1e-4, 0, True)
         vic_b = ops.vicreg_view_backward_cxx(z, p, vic[1], vic[2], vic[3], torch.tensor([0.5, 0.25, 0.125]), 1e-4, 0)
         bt = ops.barlow_twins_forward_cxx(p, z, 0.0051, 1e-5, 0, True)

@@ -106,7 +106,7 @@ def test_opcheck_two_set_op():
     dx, ax, dy, ay = (t.detach() for t in torch.ops.sslops.contrastive_fwd(*args))
     torch.library.opcheck(torch.ops.sslops.contrastive_bwd.default,
                           (torch.randn(dx.shape, dtype=torch.float64), torch.randn(dy.shape, dtype=torch.float64), a, b,
-                           None, labels, labels, None, None, dx, dy, args[7].detach(), args[8], 2, 11, 1, 9, ops.BIDIR, 0.5,
+                           None, labels, labels, None, None, dx, dy, ax, ay, args[7].detach(), args[8], 2, 11, 1, 9, ops.BIDIR, 0.5,
                            True, True, False, "cpu"))
 
 

@@ -114,7 +114,7 @@ def test_opcheck_sigmoid_op():
     dx, ax, dy, ay = (t.detach() for t in torch.ops.sslops.contrastive_fwd(*args))
     torch.library.opcheck(torch.ops.sslops.contrastive_bwd.default,
                           (torch.randn(dx.shape, dtype=torch.float64), torch.zeros(dy.shape, dtype=torch.float64), a, b, None,
-                           la, lb, None, None, dx, dy, args[7].detach(), args[8].detach(), 2, 11, 0, 0, ops.SIGMOID, 0.5,
+                           la, lb, None, None, dx, dy, ax, ay, args[7].detach(), args[8].detach(), 2, 11, 0, 0, ops.SIGMOID, 0.5,
                            True, True, False, "cpu"))
 
 

@@ -160,10 +160,10 @@ def test_infonce_kernels_compile_for_sm90(session, record_property, shape):
             for variant in INFONCE_VARIANTS[shape]:
                 x, y, neg, lx, ly, cr, co, flags = _infonce_variant(variant, z, m, labels, crow, col)
                 ny = 0 if y is None else y.shape[0]
-                diff_x, _, diff_y, _ = infonce.contrastive_forward(x, y, neg, lx, ly, cr, co, scale, bias, 0, m, 0, ny,
+                diff_x, aux_x, diff_y, aux_y = infonce.contrastive_forward(x, y, neg, lx, ly, cr, co, scale, bias, 0, m, 0, ny,
                                                                    flags, 0.5)
                 infonce.contrastive_backward(torch.ones(m, 3), torch.ones(diff_y.shape[0], 3), x, y, neg, lx, ly, cr, co,
-                                             diff_x, diff_y, scale, bias, 0, m, 0, ny, flags, 0.5, True, y is not None,
+                                             diff_x, diff_y, aux_x, aux_y, scale, bias, 0, m, 0, ny, flags, 0.5, True, y is not None,
                                              neg is not None)
     records = _check(session, infonce, record_property)
     # Asserted at both shapes: no spills in any fp32/bf16/fp16 kernel (0 bytes under triton

@@ -8,10 +8,11 @@ roles swapped). With x̂ = x / max(‖x‖, 1e-12) (or x as given, NORMALIZE off
 scale t and bias b (0-d tensors, read from memory: learnable), per anchor row the forward
 writes::
 
-    softmax   diff = [lse_i, Σ_P s, Σ_P s·e^{s/σ}]      aux = [|P(i)|, Σ_D p·s, Σ_P e^{s/σ}]
+    softmax   diff = [lse_i, Σ_P s, Σ_P s·e^{s/σ}]      aux = [|P(i)|, Σ_D p·s, Σ_P e^{s/σ}, lo_i]
               lse_i = log Σ_{j∈D(i)} e^{t·s_ij}          online: running max, sum and Σ e·s
+              lo_i = (m_i + log Σ e^{t·s − m_i}) − lse_i exactly (TwoSum): lse's rounding residual
               D(i) = in-batch j ≠ i with [j∈P(i)] ? KEEP_POS : KEEP_NEG, and every negative
-    sigmoid   diff = [Σ_j softplus(−y x), 0, 0]          aux = [|P(i)|, Σ_j h s, Σ_j h]
+    sigmoid   diff = [Σ_j softplus(−y x), 0, 0]          aux = [|P(i)|, Σ_j h s, Σ_j h, 0]
               x = t·s + b, y = ±1, h = −y·σ(−y x)
 
 The similarity tile is one tensor-core product of the raw rows, scaled afterwards by the two
@@ -23,13 +24,16 @@ each row walks its sorted CSR entries along with the column tiles (three vectors
 
 Gradient. From the gradients (a, gp, gq) of (lse, Σ_P s, Σ_P s·e^{s/σ}) per row (of the
 softplus sum for SigLIP), the gradient of s_ij from anchor i is
-C_ij = [j∈D(i)]·a_i·t·e^{t s_ij − lse_i} + [j∈P(i)]·(gp_i + gq_i e^{s_ij/σ})  (SigLIP: a_i·t·h_ij),
+C_ij = [j∈D(i)]·a_i·t·e^{(t s_ij − lse_i) − lo_i} + [j∈P(i)]·(gp_i + gq_i e^{s_ij/σ})  (SigLIP: a_i·t·h_ij),
 and each row r of one set collects both directions' terms against the columns of the other,
 dx̂_r = Σ_j (C_rj + C_jr) ĉ_j: one program per block of rows (and slice of K) recomputes the
 tiles, forms that D and adds D·Ĉ, so every row is written by one program in a fixed order:
 bit-identical reruns, no atomics. Rows whose coefficients are all zero (outside their set's
 window) visit only the other set's window. A final per-row kernel adds the CSR positives'
-terms and applies the normalisation backward. The gradients of t and b come from the forward's
+terms and applies the normalisation backward. The residual lo_i keeps the softmax weights as
+accurate as naive fp32's: lse_i ≈ 1/τ rounded alone would perturb every weight by its ulp
+(1e-6 at τ = 0.07), which a dominant positive's p − 1 magnifies; t·s − lse_i is exact near the
+row maximum. The gradients of t and b come from the forward's
 per-row statistics (sslops/ops/infonce.py), not from these kernels.
 
 Precision: the similarity tiles multiply the raw input rows (exact products for fp16/bf16 on
@@ -39,7 +43,7 @@ would flush to zero: it multiplies in fp32 storage with TF32 inputs (fp16's 10-b
 softplus and σ use e^{−|v|} only (finite for any logit, any dtype), log1p(u) = log(w) −
 (w − 1 − u)/w with w = 1 + u (accurate for tiny u).
 
-Saved by the forward: diff and aux, (B, 3) each, fp32 (fp64 for fp64); norms are recomputed
+Saved by the forward: diff (B, 3) and aux (B, 4), fp32 (fp64 for fp64); norms are recomputed
 (one read). Extra memory: norms, the (rows, K) fp32 dx̂ buffer of the backward, C = [X; Q]
 concatenated once in the input dtype when there are negatives; nothing quadratic.
 
@@ -101,7 +105,8 @@ def _tiles(kernel, dtype, k, aligned, member=False):
     * fp64 (the reference dtype: correctness first, FP64 FMA): forward 32×64, BLOCK_K 16,
       8 warps, 1 stage; backward 32×32, BLOCK_K 16, BLOCK_KO 64, 4 warps, 2 stages.
     * ``member`` (a CSR relation whose membership shapes the denominator: DCL, no in-batch
-      negatives): the fp32 backward walks 32 columns at a time (its 64-column tile spilled).
+      negatives): the fp32 forward and backward walk 32 columns at a time (their 64-column
+      tiles spilled).
 
     With unaligned rows (:func:`_rows_aligned`) the 2-byte dtypes get a single shared-memory
     buffer whatever num_stages says (no asynchronous copies below 4 bytes), so a smaller
@@ -109,8 +114,10 @@ def _tiles(kernel, dtype, k, aligned, member=False):
     """
     kcap = max(16, triton.next_power_of_2(k))
     bm, bn, bk, bko, warps, stages = _tiles_wide(kernel, dtype, aligned)
-    if member and kernel == "backward" and dtype == torch.float32 and not _backend.interpreting_triton():
-        bn = 32  # the CSR walk's state next to the fp32 dx̂ block: 64 columns spilled ~300 B (255 regs), 32 fit (207)
+    if member and dtype == torch.float32 and not _backend.interpreting_triton():
+        # the CSR walk's state next to the fp32 dx̂ block: 64 columns spilled ~300 B (255 regs), 32 fit (207);
+        # the forward's (with the split sum of issue 12.3) spilled 28 B at 64
+        bn = 32
     return bm, bn, min(bk, kcap), min(bko, kcap), warps, stages
 
 
@@ -310,7 +317,7 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
             member = cmask[None, :]
         s = _sim_tile(x_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_xm, stride_xk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
-        s = s * inv_r[:, None] * inv_c[None, :]
+        s = s * (inv_r[:, None] * inv_c[None, :])  # one rounding order for s_ij and s_ji
         valid = rmask[:, None] & cmask[None, :]
         if HAS_LABELS:
             lab_c = tl.load(labc_ptr + cols, mask=cols < NB, other=0)
@@ -334,7 +341,13 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
             e = tl.exp(xm - safe[:, None])
             f = tl.exp(run_max - safe)
-            run_sum = run_sum * f + tl.sum(e, axis=1)
+            # run_sum leaves out one term at the row maximum (exactly 1), added after the others'
+            # sum: one rounding near 1 instead of one per later small term. Ties beyond that one
+            # are exact small integers added to the tile's part (n_top − [the maximum grew here]).
+            top = xm == safe[:, None]
+            grew = new_max > run_max
+            part = tl.sum(tl.where(top, 0.0, e), axis=1) + (tl.sum(top.to(ACC), axis=1) - grew.to(ACC))
+            run_sum = tl.where(grew, (run_sum + 1.0) * f, run_sum) + part
             run_ms = run_ms * f + tl.sum(e * tl.where(den, s, 0.0), axis=1)
             run_max = new_max
             if HAS_LABELS:
@@ -345,13 +358,15 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
                     pse += tl.sum(tl.where(g, s * w, 0.0), axis=1)
                     pe += tl.sum(tl.where(g, w, 0.0), axis=1)
     out = (rows - row_start).to(tl.int64) * 3
+    out_a = (rows - row_start).to(tl.int64) * 4
     if SIGMOID:
         tl.store(diff_ptr + out, pos, mask=rmask)
         tl.store(diff_ptr + out + 1, tl.zeros_like(pos), mask=rmask)
         tl.store(diff_ptr + out + 2, tl.zeros_like(pos), mask=rmask)
-        tl.store(aux_ptr + out, cnt, mask=rmask)
-        tl.store(aux_ptr + out + 1, run_ms, mask=rmask)
-        tl.store(aux_ptr + out + 2, run_sum, mask=rmask)
+        tl.store(aux_ptr + out_a, cnt, mask=rmask)
+        tl.store(aux_ptr + out_a + 1, run_ms, mask=rmask)
+        tl.store(aux_ptr + out_a + 2, run_sum, mask=rmask)
+        tl.store(aux_ptr + out_a + 3, tl.zeros_like(pos), mask=rmask)
     else:
         if not HAS_LABELS:
             sp = sparse_ptr + (rows - row_start).to(tl.int64) * 4
@@ -359,15 +374,21 @@ def _forward_kernel(x_ptr, c_ptr, normx_ptr, normc_ptr, labx_ptr, labc_ptr, crow
             cnt = tl.load(sp + 1, mask=rmask, other=0.0)
             pse = tl.load(sp + 2, mask=rmask, other=0.0)
             pe = tl.load(sp + 3, mask=rmask, other=0.0)
-        lse = run_max + tl.log(run_sum)
+        run_sum = run_sum + tl.where(run_max > float("-inf"), 1.0, 0.0)  # the maximum's own term, last
+        log_sum = tl.log(run_sum)
+        lse = run_max + log_sum
+        v = lse - run_max  # TwoSum: run_max + log_sum = lse + lo exactly
+        lo = (run_max - (lse - v)) + (log_sum - v)
+        lo = tl.where(lse - lse == 0, lo, 0.0)  # 0 where lse is not finite
         ms = tl.where(run_sum > 0, run_ms / tl.where(run_sum > 0, run_sum, 1.0), 0.0)
         ms = tl.where(run_sum != run_sum, run_sum, ms)  # NaN stays NaN
         tl.store(diff_ptr + out, lse, mask=rmask)
         tl.store(diff_ptr + out + 1, pos, mask=rmask)
         tl.store(diff_ptr + out + 2, pse, mask=rmask)
-        tl.store(aux_ptr + out, cnt, mask=rmask)
-        tl.store(aux_ptr + out + 1, ms, mask=rmask)
-        tl.store(aux_ptr + out + 2, pe, mask=rmask)
+        tl.store(aux_ptr + out_a, cnt, mask=rmask)
+        tl.store(aux_ptr + out_a + 1, ms, mask=rmask)
+        tl.store(aux_ptr + out_a + 2, pe, mask=rmask)
+        tl.store(aux_ptr + out_a + 3, lo, mask=rmask)
 
 
 @triton.jit
@@ -381,7 +402,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
                            PREC: tl.constexpr, DOT_D: tl.constexpr, PREC_D: tl.constexpr):
     """dr̂ (dense part) for one block of rows: Σ_c D_rc ĉ_c over the needed column tiles.
 
-    Coefficient arrays are (4, n): a, lse (+inf where a = 0), gp, gq per row of each set.
+    Coefficient arrays are (5, n): a, lse (+inf where a = 0), gp, gq, lo (lse's residual) per row of each set.
     """
     t = tl.load(scale_ptr).to(ACC)
     r0 = tl.program_id(0) * BLOCK_M
@@ -396,6 +417,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
         lse_r = tl.load(coefr_ptr + NR + rows, mask=rmask, other=float("inf"))
         gp_r = tl.load(coefr_ptr + 2 * NR + rows, mask=rmask, other=0.0)
         gq_r = tl.load(coefr_ptr + 3 * NR + rows, mask=rmask, other=0.0)
+        lo_r = tl.load(coefr_ptr + 4 * NR + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
         lab_r = tl.load(labr_ptr + rows, mask=rmask, other=0)
     if MEMBER:
@@ -420,7 +442,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
             member = cmask[None, :]
         s = _sim_tile(r_ptr, c_ptr, rows, rmask, cols, cmask, K, stride_rm, stride_rk, stride_cm, stride_ck,
                       BLOCK_M, BLOCK_N, BLOCK_K, ACC, DOT, PREC)
-        s = s * inv_r[:, None] * inv_c[None, :]
+        s = s * (inv_r[:, None] * inv_c[None, :])  # one rounding order for s_ij and s_ji
         valid = rmask[:, None] & cmask[None, :]
         if HAS_LABELS:
             lab_c = tl.load(labc_ptr + cols, mask=cmask & (cols < NB_C), other=0)
@@ -434,6 +456,7 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
             d = tl.where(valid, d, 0.0)
         else:
             lse_c = tl.load(coefc_ptr + NC + cols, mask=cmask, other=float("inf"))
+            lo_c = tl.load(coefc_ptr + 4 * NC + cols, mask=cmask, other=0.0)
             if ROWS_EXTRA:  # the negatives' rows: no relation, always in the anchors' denominators
                 inb = valid & (cols[None, :] < 0)
             else:
@@ -441,7 +464,8 @@ def _backward_tiles_kernel(r_ptr, c_ptr, normr_ptr, normc_ptr, labr_ptr, labc_pt
             g, den = _relation_masks(rows, cols, valid, inb, lab_r if HAS_LABELS else rows, lab_c if HAS_LABELS else cols,
                                      member, SELF, HAS_LABELS, MEMBER, KEEP_POS, KEEP_NEG)
             x = s * t
-            soft = t * (a_r[:, None] * tl.exp(x - lse_r[:, None]) + a_c[None, :] * tl.exp(x - lse_c[None, :]))
+            soft = t * (a_r[:, None] * tl.exp((x - lse_r[:, None]) - lo_r[:, None])
+                        + a_c[None, :] * tl.exp((x - lse_c[None, :]) - lo_c[None, :]))
             d = tl.where(den, soft, 0.0)  # a select: outside D(i) the exponent may overflow
             if HAS_LABELS:
                 gp_c = tl.load(coefc_ptr + 2 * NC + cols, mask=cmask, other=0.0)
@@ -576,11 +600,11 @@ def _forward_rows(call, x, norm_x, labels_x, c, norm_c, labels_c, nb, self_excl,
     b = re - rs
     acc = call.acc
     diff = torch.empty((b, 3), dtype=acc, device=x.device)
-    aux = torch.empty((b, 3), dtype=acc, device=x.device)
+    aux = torch.empty((b, 4), dtype=acc, device=x.device)
     if b == 0:
         return diff, aux
     k = x.shape[1]
-    bm, bn, bk, _, warps, stages = _tiles("forward", x.dtype, k, _rows_aligned(x, c))
+    bm, bn, bk, _, warps, stages = _tiles("forward", x.dtype, k, _rows_aligned(x, c), call.member)
     dot, prec = _dot_dtype(x.dtype)
     crow, col = csr if csr is not None else (None, None)
     sparse = diff  # unused pointer unless a CSR gives the positives
@@ -614,13 +638,13 @@ def contrastive_forward(x, y, negatives, labels_x, labels_y, crow, col, scale, b
         diff_y, aux_y = _forward_rows(call, y, call.norm_c, call.labels_c, x, call.norm_x, call.labels_x, x.shape[0], False,
                                       scale, bias, y_start, y_end, None)
     else:
-        diff_y, aux_y = (torch.empty((0, 3), dtype=call.acc, device=x.device) for _ in range(2))
+        diff_y, aux_y = (torch.empty((0, c), dtype=call.acc, device=x.device) for c in (3, 4))
     return diff_x, aux_x, diff_y, aux_y
 
 
-def _coefficients(grad, diff, n, w0, w1, sigmoid, acc, device):
-    """(4, n): a, lse (+inf where a = 0), gp, gq per row, zero outside the window [w0, w1)."""
-    c = torch.zeros((4, n), dtype=acc, device=device)
+def _coefficients(grad, diff, aux, n, w0, w1, sigmoid, acc, device):
+    """(5, n): a, lse (+inf where a = 0), gp, gq, lo (0 where a = 0) per row, zero outside the window [w0, w1)."""
+    c = torch.zeros((5, n), dtype=acc, device=device)
     c[1].fill_(float("inf"))  # fill_, not a setitem of a Python number (a lift_fresh: a host tensor)
     if w1 > w0:
         g = grad.to(acc)
@@ -630,6 +654,7 @@ def _coefficients(grad, diff, n, w0, w1, sigmoid, acc, device):
             c[1, w0:w1] = torch.where(a != 0, diff[:, 0].to(acc), torch.full_like(a, float("inf")))
             c[2, w0:w1] = g[:, 1]
             c[3, w0:w1] = g[:, 2]
+            c[4, w0:w1] = torch.where(a != 0, aux[:, 3].to(acc), 0.0)
     return c
 
 
@@ -662,8 +687,8 @@ def _backward_rows(call, r, norm_r, labels_r, coef_r, c, norm_c, labels_c, coef_
         BLOCK_K=max(16, triton.next_power_of_2(k)), ACC=_tl_dtype(acc))
 
 
-def contrastive_backward(grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, scale, bias,
-                         x_start, x_end, y_start, y_end, flags, sigma, need_x, need_y, need_negatives):
+def contrastive_backward(grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, aux_x, aux_y,
+                         scale, bias, x_start, x_end, y_start, y_end, flags, sigma, need_x, need_y, need_negatives):
     """(dx, dy, dnegatives): the backward of ``sslops::contrastive_bwd`` ((0, K) where not needed)."""
     call = _Call(x, y, negatives, labels_x, labels_y, crow, col, flags)
     call.inv_sigma = 1.0 / sigma
@@ -674,25 +699,25 @@ def contrastive_backward(grad_x, grad_y, x, y, negatives, labels_x, labels_y, cr
     dx = torch.empty((nx if need_x else 0, k), dtype=x.dtype, device=dev)
     dy = torch.empty((y.shape[0] if (need_y and y is not None) else 0, k), dtype=x.dtype, device=dev)
     dneg = torch.empty((call.nq if need_negatives else 0, k), dtype=x.dtype, device=dev)
-    coef_x = _coefficients(grad_x, diff_x, nx, x_start, x_end, call.sigmoid, acc, dev)
+    coef_x = _coefficients(grad_x, diff_x, aux_x, nx, x_start, x_end, call.sigmoid, acc, dev)
     if call.square:
-        coef_c = torch.cat([coef_x, _coefficients(grad_x, diff_x, call.nq, 0, 0, call.sigmoid, acc, dev)], dim=1)
+        coef_c = torch.cat([coef_x, _coefficients(grad_x, diff_x, aux_x, call.nq, 0, 0, call.sigmoid, acc, dev)], dim=1)
         csr = (crow, col) if crow is not None else None
         if need_x:
             _backward_rows(call, x, call.norm_x, call.labels_x, coef_x, call.c, call.norm_c, call.labels_c, coef_c, nx,
                            (x_start, x_end, x_start, x_end), True, False, scale, bias, csr, dx)
         if need_negatives and call.nq:
             norm_q = call.norm_c[nx:]
-            empty = _coefficients(grad_x, diff_x, call.nq, 0, 0, call.sigmoid, acc, dev)
+            empty = _coefficients(grad_x, diff_x, aux_x, call.nq, 0, 0, call.sigmoid, acc, dev)
             _backward_rows(call, negatives, norm_q, None, empty, x, call.norm_x, None, coef_x, nx,
                            (0, 0, x_start, x_end), False, True, scale, bias, None, dneg)
         return dx, dy, dneg
     ny = y.shape[0]
     if call.bidir:
-        coef_y = _coefficients(grad_y, diff_y, ny, y_start, y_end, call.sigmoid, acc, dev)
+        coef_y = _coefficients(grad_y, diff_y, aux_y, ny, y_start, y_end, call.sigmoid, acc, dev)
         yw = (y_start, y_end)
     else:
-        coef_y = _coefficients(grad_y, diff_y, ny, 0, 0, call.sigmoid, acc, dev)
+        coef_y = _coefficients(grad_y, diff_y, aux_y, ny, 0, 0, call.sigmoid, acc, dev)
         yw = (0, 0)
     if need_x:
         _backward_rows(call, x, call.norm_x, call.labels_x, coef_x, y, call.norm_c, call.labels_c, coef_y, ny,

@@ -14,12 +14,14 @@
 // With x̂ = x / max(‖x‖, 1e-12) (or x as given under NO_NORMALIZE), s_ij = ⟨x̂_i, ĉ_j⟩, scale t
 // and bias b (0-d tensors: learnable), per anchor row i the forward writes
 //
-//   softmax forms   diff = [lse_i, pos_i, pse_i], aux = [|P(i)|, ms_i, pe_i]
+//   softmax forms   diff = [lse_i, pos_i, pse_i], aux = [|P(i)|, ms_i, pe_i, lo_i]
 //                   lse_i = log Σ_{j∈D(i)} exp(t·s_ij)        online: running max and sum
+//                   lo_i: lse_i's rounding residual, (m_i + log Σ exp(t·s − m_i)) − lse_i exactly
+//                   (two_sum below), so that the backward's weights see the unrounded sum
 //                   pos_i = Σ_{j∈P(i)} s_ij,  ms_i = Σ_{j∈D(i)} p_ij s_ij  (= ∂lse_i/∂t)
 //                   pse_i = Σ_{j∈P(i)} s_ij e^{s_ij/σ}, pe_i = Σ_{j∈P(i)} e^{s_ij/σ}  (WEIGHTED: DCLW)
 //                   D(i) = in-batch rows j ≠ i with [j ∈ P(i)] ? !DECOUPLED : !NO_INBATCH, and the negatives
-//   sigmoid (SigLIP) diff = [Σ_j softplus(−y_ij x_ij), 0, 0], aux = [|P(i)|, Σ_j h_ij s_ij, Σ_j h_ij]
+//   sigmoid (SigLIP) diff = [Σ_j softplus(−y_ij x_ij), 0, 0], aux = [|P(i)|, Σ_j h_ij s_ij, Σ_j h_ij, 0]
 //                   x_ij = t·s_ij + b, y_ij = ±1, h_ij = ∂softplus(−y x)/∂x = −y_ij σ(−y_ij x_ij)
 //
 // and the loss is assembled from these rows in Python (autograd through plain torch ops).
@@ -27,7 +29,7 @@
 // sum for SigLIP) and, since pse's derivative is taken with its weight e^{s/σ} held constant
 // (DCLW's weights are detached), the gradient of s_ij from anchor i is
 //
-//   C_ij = [j∈D(i)]·a_i·t·exp(t s_ij − lse_i) + [j∈P(i)]·(gp_i + gq_i e^{s_ij/σ})      softmax
+//   C_ij = [j∈D(i)]·a_i·t·exp((t s_ij − lse_i) − lo_i) + [j∈P(i)]·(gp_i + gq_i e^{s_ij/σ})      softmax
 //   C_ij = a_i·t·h_ij                                                                 sigmoid
 //
 // dx̂_r = Σ_j (C_rj + C_jr) ĉ_j: the pass over the rows r of one set walks the other set's
@@ -38,7 +40,12 @@
 // sparsely (O(nnz·K)); where the denominator depends on membership (DECOUPLED, NO_INBATCH)
 // the tile marks the row's CSR entries (sorted per row) in place.
 //
-// Saved between forward and backward: diff and aux, (B, 3) each; norms are recomputed.
+// lse_i ~ 1/τ is rounded to its ulp (1e-6 at 14, τ = 0.07): exp(t·s − lse_i) from the rounded
+// value alone perturbs every weight by that much, and a dominant positive's gradient p − 1
+// loses digits. With lo_i, t·s − lse_i is exact near the row's maximum (Sterbenz) and the
+// residual enters below the ulp of 1: the weights are as good as naive fp32 PyTorch's.
+//
+// Saved between forward and backward: diff (B, 3) and aux (B, 4); norms are recomputed.
 // Memory: x̂ (and ŷ, the negatives' rows) in the accumulation type, one (64 × 256) tile and a
 // (64 × K) gradient block per thread. FLOPs: forward 2·B·C·K (C candidates), backward
 // 2·2·(rows)·(columns)·K per pass (the tile recomputed, then the product); exp per tile entry
@@ -208,6 +215,15 @@ acc dot(const acc* a, const acc* b, int64_t k) {
   return s;
 }
 
+// The rounding residual of hi = fl(a + b): a + b = hi + lo exactly (Knuth's TwoSum; this file is
+// compiled without reassociation). 0 where hi is not finite (no candidate, or a NaN row).
+template <typename acc>
+acc two_sum_residual(acc a, acc b, acc hi) {
+  if (!std::isfinite(hi)) return 0;
+  const acc v = hi - a;
+  return (a - (hi - v)) + (b - v);
+}
+
 // Run f(b, b + 1) for every block b < n, handing blocks to threads one at a time
 // (dynamic schedule). Each block's result depends only on the block, never on the thread
 // that ran it, so the output stays bit-identical; dynamic hand-out keeps both cores busy
@@ -248,17 +264,24 @@ __attribute__((noinline)) acc span_max(const acc* x, int64_t n) {
   return m;
 }
 
-// Σ exp(xr_j − mx) and Σ exp(xr_j − mx)·s_j over [0, n).
+// Σ exp(xr_j − mx) over the terms below the maximum, the count of terms at it (each exactly 1)
+// and Σ exp(xr_j − mx)·s_j over [0, n). The terms at the maximum are kept out of the sum so
+// that the caller adds them last: one rounding near 1 instead of one per later small term (a
+// dominant positive's 1 − p is that sum: naive PyTorch's error, not a multiple of it).
 template <typename acc>
-__attribute__((noinline)) void span_exp_sums(const acc* xr, const acc* s, acc mx, int64_t n, acc& sum_out, acc& ms_out) {
-  acc sum = 0, ms = 0;
-#pragma omp simd reduction(+ : sum, ms)
+__attribute__((noinline)) void span_exp_sums(const acc* xr, const acc* s, acc mx, int64_t n, acc& sum_out, acc& top_out,
+                                             acc& ms_out) {
+  acc sum = 0, top = 0, ms = 0;
+#pragma omp simd reduction(+ : sum, top, ms)
   for (int64_t j = 0; j < n; ++j) {
     const acc e = exp_ps(xr[j] - mx);
-    sum += e;
+    const bool at_max = xr[j] == mx;
+    sum += at_max ? acc(0) : e;
+    top += at_max ? acc(1) : acc(0);
     ms += e * s[j];
   }
   sum_out += sum;
+  top_out += top;
   ms_out += ms;
 }
 
@@ -369,11 +392,14 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
   const Mode& md = ps.md;
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({kRowBlock, kColBlock}, ps.cols_t.options());
-    std::vector<acc> xr(kColBlock), run_max(kRowBlock), run_sum(kRowBlock), run_ms(kRowBlock), st(4 * kRowBlock);
+    // run_sum: the terms below run_max; run_top: how many sit at it (each contributes exactly 1)
+    std::vector<acc> xr(kColBlock), run_max(kRowBlock), run_sum(kRowBlock), run_top(kRowBlock), run_ms(kRowBlock),
+        st(4 * kRowBlock);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = rs + blk * kRowBlock, r1 = std::min(re, r0 + kRowBlock), br = r1 - r0;
       std::fill(run_max.begin(), run_max.end(), neg_inf);
       std::fill(run_sum.begin(), run_sum.end(), acc(0));
+      std::fill(run_top.begin(), run_top.end(), acc(0));
       std::fill(run_ms.begin(), run_ms.end(), acc(0));
       std::fill(st.begin(), st.end(), acc(0));
       const at::Tensor anchors = ps.rows_t.narrow(0, r0, br);
@@ -414,19 +440,20 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
           // A NaN similarity must not vanish in the max: the sum below carries it.
           if (tmax > run_max[i]) {
             const acc f = exp_ps(run_max[i] - tmax);
-            run_sum[i] *= f;
+            run_sum[i] = (run_sum[i] + run_top[i]) * f;  // the old maximum's terms fall below the new one
+            run_top[i] = 0;
             run_ms[i] *= f;
             run_max[i] = tmax;
           }
           if (run_max[i] == neg_inf) continue;  // nothing in the denominator so far
-          span_exp_sums(xr.data(), srow, run_max[i], bc, run_sum[i], run_ms[i]);
+          span_exp_sums(xr.data(), srow, run_max[i], bc, run_sum[i], run_top[i], run_ms[i]);
         }
       }
       for (int64_t i = 0; i < br; ++i) {
         const int64_t gi = r0 + i, o = gi - rs;
         acc* sti = st.data() + 4 * i;
         acc* d = diff + 3 * o;
-        acc* a = aux + 3 * o;
+        acc* a = aux + 4 * o;
         if (md.sigmoid) {
           d[0] = sti[0], d[1] = 0, d[2] = 0;
           a[0] = sti[3], a[1] = sti[1], a[2] = sti[2];
@@ -445,13 +472,16 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
             }
           }
         }
-        const bool any = run_sum[i] > 0 || run_sum[i] != run_sum[i];
-        d[0] = run_max[i] + std::log(run_sum[i]);
+        const acc sum = run_sum[i] + run_top[i];  // the terms at the maximum added last
+        const bool any = sum > 0 || sum != sum;
+        const acc log_sum = std::log(sum);
+        d[0] = run_max[i] + log_sum;
         d[1] = sti[0];
         d[2] = sti[2];
         a[0] = sti[1];
-        a[1] = any ? run_ms[i] / run_sum[i] : acc(0);
+        a[1] = any ? run_ms[i] / sum : acc(0);
         a[2] = sti[3];
+        a[3] = two_sum_residual(run_max[i], log_sum, d[0]);
       }
     }
   });
@@ -460,13 +490,15 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
 // ----------------------------------------------------------------------------- backward
 
 // Per-row gradient coefficients of one set (length = its rows): a = ∂L/∂lse (∂L/∂softplus-sum
-// for SigLIP), lse (+inf where a = 0, so that exp(x − lse) vanishes), gp = ∂L/∂pos, gq = ∂L/∂pse.
+// for SigLIP), lse (+inf where a = 0, so that exp(x − lse) vanishes), gp = ∂L/∂pos, gq = ∂L/∂pse,
+// lo = lse's rounding residual (0 where a = 0).
 template <typename acc>
 struct Coef {
   const acc* a = nullptr;
   const acc* lse = nullptr;
   const acc* gp = nullptr;
   const acc* gq = nullptr;
+  const acc* lo = nullptr;
 };
 
 // Row r of a tile, in place: s_j <- D_rj = C_rj + C_jr (both directions), the in-batch block
@@ -476,9 +508,9 @@ struct Coef {
 // then zeroes the term (a product with an overflowed exp would be 0·inf = NaN).
 template <typename acc, bool WEIGHTED>
 __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int32_t li, bool keep_pos, bool keep_neg, acc t,
-                                                acc inv_sigma, acc ar, acc lr, acc gpr, acc gqr, const acc* ac, const acc* lc,
-                                                const acc* gpc, const acc* gqc, int64_t ib, int64_t bc, const acc* keep_buf,
-                                                bool rows_extra) {
+                                                acc inv_sigma, acc ar, acc lr, acc lor, acc gpr, acc gqr, const acc* ac,
+                                                const acc* lc, const acc* loc, const acc* gpc, const acc* gqc, int64_t ib,
+                                                int64_t bc, const acc* keep_buf, bool rows_extra) {
   const acc zero = 0;
   if (lab) {
     const int kp = keep_pos, kn = keep_neg;
@@ -487,7 +519,7 @@ __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int3
       const int g = lab[j] == li;
       const acc keep = static_cast<acc>((g & kp) | ((g ^ 1) & kn));
       const acc x = s[j] * t;
-      acc d = keep * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+      acc d = keep * t * (ar * exp_ps(std::min((x - lr) - lor, zero)) + ac[j] * exp_ps(std::min((x - lc[j]) - loc[j], zero)));
       acc pair = gpr + gpc[j];
       if constexpr (WEIGHTED) pair += (gqr + gqc[j]) * exp_ps(s[j] * inv_sigma);
       s[j] = d + static_cast<acc>(g) * pair;
@@ -496,7 +528,7 @@ __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int3
 #pragma omp simd
     for (int64_t j = 0; j < ib; ++j) {
       const acc x = s[j] * t;
-      s[j] = keep_buf[j] * t * (ar * exp_ps(std::min(x - lr, zero)) + ac[j] * exp_ps(std::min(x - lc[j], zero)));
+      s[j] = keep_buf[j] * t * (ar * exp_ps(std::min((x - lr) - lor, zero)) + ac[j] * exp_ps(std::min((x - lc[j]) - loc[j], zero)));
     }
   }
   // Columns [ib, bc) relate to no row: either they are the negatives (never anchors: only the
@@ -504,10 +536,10 @@ __attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int3
   // (only the column's term). One exponential each.
   if (rows_extra) {
 #pragma omp simd
-    for (int64_t j = ib; j < bc; ++j) s[j] = t * ac[j] * exp_ps(std::min(s[j] * t - lc[j], zero));
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ac[j] * exp_ps(std::min((s[j] * t - lc[j]) - loc[j], zero));
   } else {
 #pragma omp simd
-    for (int64_t j = ib; j < bc; ++j) s[j] = t * ar * exp_ps(std::min(s[j] * t - lr, zero));
+    for (int64_t j = ib; j < bc; ++j) s[j] = t * ar * exp_ps(std::min((s[j] * t - lr) - lor, zero));
   }
 }
 
@@ -560,7 +592,8 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
             coef_row_sigmoid(srow, lj, li, ps.t, ps.b, ar, cc.a + c0, bc);
             continue;
           }
-          const acc lr = cr.a ? cr.lse[gi] : inf, gpr = cr.a ? cr.gp[gi] : zero, gqr = cr.a ? cr.gq[gi] : zero;
+          const acc lr = cr.a ? cr.lse[gi] : inf, lor = cr.a ? cr.lo[gi] : zero;
+          const acc gpr = cr.a ? cr.gp[gi] : zero, gqr = cr.a ? cr.gq[gi] : zero;
           if (!lj && ib > 0) {  // CSR relation: the denominator by membership, the positives added sparsely
             std::fill(keep.begin(), keep.begin() + ib, md.keep_neg ? acc(1) : acc(0));
             if (ps.csr.crow && md.member_needed()) {
@@ -571,11 +604,13 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
             }
           }
           if (md.weighted)
-            coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
-                                        cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
+            coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr, gqr,
+                                        cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(),
+                                        ps.rows_extra);
           else
-            coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, gpr, gqr,
-                                         cc.a + c0, cc.lse + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(), ps.rows_extra);
+            coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr, gqr,
+                                         cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(),
+                                         ps.rows_extra);
           if (ps.self_excl && gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
         g.addmm_(s_t, ps.cols_t.narrow(0, c0, bc));
@@ -730,8 +765,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
   const auto opts = p.ch.options();
   const int64_t by = p.bidir ? ye - ys : 0;
-  at::Tensor diff_x = at::zeros({xe - xs, 3}, opts), aux_x = at::zeros({xe - xs, 3}, opts);
-  at::Tensor diff_y = at::zeros({by, 3}, opts), aux_y = at::zeros({by, 3}, opts);
+  at::Tensor diff_x = at::zeros({xe - xs, 3}, opts), aux_x = at::zeros({xe - xs, 4}, opts);
+  at::Tensor diff_y = at::zeros({by, 3}, opts), aux_y = at::zeros({by, 4}, opts);
   AT_DISPATCH_FLOATING_TYPES(p.ch.scalar_type(), "contrastive_fwd_cxx", [&] {
     using acc = scalar_t;
     const int64_t nb = p.square ? p.nx : p.ny;
@@ -747,10 +782,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
   return {diff_x, aux_x, diff_y, aux_y};
 }
 
-// (a, lse, gp, gq) per row of a set of n rows, zero outside the window [w0, w1).
-at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, int64_t n, int64_t w0, int64_t w1, bool sigmoid,
-                        const at::TensorOptions& opts) {
-  at::Tensor c = at::zeros({4, n}, opts);
+// (a, lse, gp, gq, lo) per row of a set of n rows, zero outside the window [w0, w1) (lse +inf).
+at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, const at::Tensor& aux, int64_t n, int64_t w0,
+                        int64_t w1, bool sigmoid, const at::TensorOptions& opts) {
+  at::Tensor c = at::zeros({5, n}, opts);
   c[1].fill_(std::numeric_limits<double>::infinity());
   if (w1 <= w0) return c;
   const at::Tensor g = grad.to(opts.dtype());
@@ -761,6 +796,7 @@ at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, int64_t 
     c[1].narrow(0, w0, w1 - w0).copy_(at::where(live, diff.select(1, 0).to(opts.dtype()), at::full_like(a, INFINITY)));
     c[2].narrow(0, w0, w1 - w0).copy_(g.select(1, 1));
     c[3].narrow(0, w0, w1 - w0).copy_(g.select(1, 2));
+    c[4].narrow(0, w0, w1 - w0).copy_(at::where(live, aux.select(1, 3).to(opts.dtype()), at::zeros_like(a)));
   }
   return c;
 }
@@ -770,7 +806,7 @@ Coef<acc> coef_ptrs(const at::Tensor& c) {
   Coef<acc> out;
   const acc* base = c.data_ptr<acc>();
   const int64_t n = c.size(1);
-  out.a = base, out.lse = base + n, out.gp = base + 2 * n, out.gq = base + 3 * n;
+  out.a = base, out.lse = base + n, out.gp = base + 2 * n, out.gq = base + 3 * n, out.lo = base + 4 * n;
   return out;
 }
 
@@ -778,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
     const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& y,
     const c10::optional<at::Tensor>& neg, const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y,
     const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, const at::Tensor& diff_x,
-    const at::Tensor& diff_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
+    const at::Tensor& diff_y, const at::Tensor& aux_x, const at::Tensor& aux_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
     int64_t flags, double sigma, bool need_x, bool need_y, bool need_neg) {
   NoAutocast no_autocast;  // csrc/no_autocast.h
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, xs, xe, ys, ye, flags);
@@ -787,14 +823,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
   at::Tensor dx = at::zeros({need_x ? p.nx : 0, k}, x.options());
   at::Tensor dy = at::zeros({need_y && !p.square ? p.ny : 0, k}, x.options());
   at::Tensor dneg = at::zeros({need_neg ? p.nq : 0, k}, x.options());
-  const at::Tensor cx = coefficients(grad_x, diff_x, p.nx, xs, xe, p.md.sigmoid, opts);
-  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, p.ny, ys, ye, p.md.sigmoid, opts)
-                                : coefficients(grad_y, diff_y, nb + p.nq, 0, 0, p.md.sigmoid, opts);
+  const at::Tensor cx = coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
+  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
+                                : coefficients(grad_y, diff_y, aux_y, nb + p.nq, 0, 0, p.md.sigmoid, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "contrastive_bwd_cxx", [&] {
     using acc = acc_t<scalar_t>;
     if (p.square) {
       // columns [x; negatives]: the x rows' own coefficients, zeros for the negatives
-      at::Tensor cc = at::zeros({4, p.nx + p.nq}, opts);
+      at::Tensor cc = at::zeros({5, p.nx + p.nq}, opts);
       cc.narrow(1, 0, p.nx).copy_(cx);
       cc[1].narrow(0, p.nx, p.nq).fill_(std::numeric_limits<double>::infinity());
       if (need_x && p.nx) {

@@ -18,7 +18,10 @@
 //             kernel (a warp per row) adds the CSR positives and applies the normalisation
 //             backward.
 //
-// Saved: diff and aux (B, 3) each. Extra memory: norms, a (rows, K) dx̂ buffer (fp32; fp64 for
+// Saved: diff (B, 3) and aux (B, 4), aux's last column lse's rounding residual lo (TwoSum of
+// the row max and the log of the sum; nvcc does not reassociate, even under --use_fast_math):
+// the backward's weights exp((t·s − lse) − lo) keep naive fp32's accuracy where lse ≈ 1/τ
+// alone would perturb each by its ulp (csrc/cpu/infonce.cpp). Extra memory: norms, a (rows, K) dx̂ buffer (fp32; fp64 for
 // fp64), the candidates [x; negatives] concatenated once in the input dtype when there are
 // negatives. FLOPs: forward 2·B·C·K, backward 4·rows·columns·K per pass, plus 1 (forward) and
 // 2 (backward) exp per pair. All row offsets are int64 (N·K and N·N may pass 2³¹). The
@@ -196,7 +199,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const int64_t lab_i = (labx && live) ? labx[gi] : 0;
   int64_t walk = (md.member && live) ? crow[gi] : 0;
   const int64_t walk_end = (md.member && live) ? crow[gi + 1] : 0;
-  acc run_max = -inf<acc>(), run_sum = 0, run_ms = 0, pos = 0, cnt = 0, pse = 0, pe = 0;
+  // run_sum: the softmax terms below run_max; run_top: how many sit at it (each exactly 1), added
+  // last so that a dominant term's 1 is rounded once, not with every later small term
+  acc run_max = -inf<acc>(), run_sum = 0, run_top = 0, run_ms = 0, pos = 0, cnt = 0, pse = 0, pe = 0;
   for (int64_t c0 = 0; c0 < nc; c0 += kTile) {
     acc s[4];
     sim_tile<scalar_t, acc>(x, c, k, r0, re, c0, nc, as, bs, s);
@@ -206,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     for (int q = 0; q < 4; ++q) {
       const int64_t gj = c0 + grp * 4 + q;
       const bool valid = live && gj < nc;
-      const acc sv = valid ? s[q] * inv_i * inv_norm(normc, gj, md.normalize) : acc(0);
+      const acc sv = valid ? s[q] * (inv_i * inv_norm(normc, gj, md.normalize)) : acc(0);
       const bool in_batch = gj < nb;
       bool positive = false;
       if (valid && in_batch) positive = labx ? labc[gj] == lab_i : (md.member && csr_walk(col, walk, walk_end, gj));
@@ -244,18 +249,23 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     const acc new_max = fmax(run_max, tmax);
     const acc safe = new_max == -inf<acc>() ? acc(0) : new_max;
     const acc f = dexp(run_max - safe);
-    acc part = 0, part_ms = 0;
+    acc part = 0, part_top = 0, part_ms = 0;
     for (int q = 0; q < 4; ++q)
       if (den[q]) {
         const acc e = dexp(xv[q] - safe);
-        part += e;
+        const bool at_max = xv[q] == safe;
+        part += at_max ? acc(0) : e;
+        part_top += at_max ? acc(1) : acc(0);
         part_ms += e * s[q];
       }
-    run_sum = run_sum * f + part;  // per-lane partial sums, one shared max
+    // per-lane partial sums, one shared max; the old maximum's terms fall below a new one
+    const bool grew = new_max > run_max;
+    run_sum = (grew ? (run_sum + run_top) * f : run_sum) + part;
+    run_top = (grew ? acc(0) : run_top) + part_top;
     run_ms = run_ms * f + part_ms;
     run_max = new_max;
   }
-  run_sum = row_sum(run_sum);
+  run_sum = row_sum(run_sum) + row_sum(run_top);
   run_ms = row_sum(run_ms);
   pos = row_sum(pos);
   cnt = row_sum(cnt);
@@ -263,27 +273,31 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   pe = row_sum(pe);
   if (!live || grp != 0) return;
   acc* d = diff + 3 * (gi - rs);
-  acc* a = aux + 3 * (gi - rs);
+  acc* a = aux + 4 * (gi - rs);
   if (md.sigmoid) {
     d[0] = pos, d[1] = 0, d[2] = 0;
-    a[0] = cnt, a[1] = run_ms, a[2] = run_sum;
+    a[0] = cnt, a[1] = run_ms, a[2] = run_sum, a[3] = 0;
     return;
   }
   if (!labx) {
     const acc* sp = sparse + 4 * (gi - rs);
     pos = sp[0], cnt = sp[1], pse = sp[2], pe = sp[3];
   }
-  d[0] = run_max + dlog(run_sum);
+  const acc log_sum = dlog(run_sum);
+  const acc lse = run_max + log_sum;
+  const acc v = lse - run_max;  // TwoSum: run_max + log_sum = lse + lo exactly
+  d[0] = lse;
   d[1] = pos;
   d[2] = pse;
   a[0] = cnt;
   a[1] = run_sum > 0 ? run_ms / run_sum : (run_sum != run_sum ? run_sum : acc(0));
   a[2] = pe;
+  a[3] = isfinite(lse) ? (run_max - (lse - v)) + (log_sum - v) : acc(0);
 }
 
 // ----------------------------------------------------------------------------- backward
 
-// Coefficients of a set of n rows, a (4, n) array: a, lse (+inf where a = 0), gp, gq.
+// Coefficients of a set of n rows, a (5, n) array: a, lse (+inf where a = 0), gp, gq, lo (0 where a = 0).
 template <typename acc>
 struct Coef {
   const acc* base;
@@ -292,6 +306,7 @@ struct Coef {
   __device__ __forceinline__ acc lse(int64_t i) const { return base[n + i]; }
   __device__ __forceinline__ acc gp(int64_t i) const { return base[2 * n + i]; }
   __device__ __forceinline__ acc gq(int64_t i) const { return base[3 * n + i]; }
+  __device__ __forceinline__ acc lo(int64_t i) const { return base[4 * n + i]; }
 };
 
 template <typename scalar_t, typename acc>
@@ -312,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(
   const acc ts = *scale_ptr, bias = *bias_ptr;
   const acc inv_i = live ? inv_norm(normr, gi, md.normalize) : acc(0);
   const acc a_i = live ? cr.a(gi) : acc(0);
-  const acc lse_i = live ? cr.lse(gi) : inf<acc>();
+  const acc lse_i = live ? cr.lse(gi) : inf<acc>(), lo_i = live ? cr.lo(gi) : acc(0);
   const acc gp_i = live ? cr.gp(gi) : acc(0), gq_i = live ? cr.gq(gi) : acc(0);
   const int64_t lab_i = (labr && live) ? labr[gi] : 0;
   const bool member = md.member && !rows_extra;
@@ -331,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(
       acc d = 0;
       if (live && gj < cend) {
         const acc inv_j = inv_norm(normc, gj, md.normalize);
-        const acc sv = s[q] * inv_i * inv_j;
+        const acc sv = s[q] * (inv_i * inv_j);  // as the forward: s_ij and s_ji round alike
         const bool in_batch = !rows_extra && gj < nb_c;
         bool positive = false;
         if (in_batch) positive = labr ? labc[gj] == lab_i : (member && csr_walk(col, walk, walk_end, gj));
@@ -344,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) backward_tiles_kernel(
         } else {
           const Rel rel = relation(md, self_excl, rows_extra, gi, gj, nb_c, positive);
           const acc xs = sv * ts;
-          if (rel.den) d = ts * (a_i * dexp(xs - lse_i) + cc.a(gj) * dexp(xs - cc.lse(gj)));
+          if (rel.den) d = ts * (a_i * dexp((xs - lse_i) - lo_i) + cc.a(gj) * dexp((xs - cc.lse(gj)) - cc.lo(gj)));
           if (labr && rel.g) {  // a CSR's positives are added sparsely by backward_rows_kernel
             acc gpair = gp_i + cc.gp(gj);
             if (md.weighted) gpair += (gq_i + cc.gq(gj)) * dexp(sv * inv_sigma);
@@ -502,7 +517,7 @@ std::pair<at::Tensor, at::Tensor> forward_rows(const Prepared& p, const at::Tens
                                                int64_t re, double sigma) {
   const auto opts = norm_a.options();
   const int64_t b = re - rs, k = p.k;
-  at::Tensor diff = at::zeros({b, 3}, opts), aux = at::zeros({b, 3}, opts);
+  at::Tensor diff = at::zeros({b, 3}, opts), aux = at::zeros({b, 4}, opts);
   if (b == 0) return {diff, aux};
   const bool csr = with_csr && p.crow.defined();
   at::Tensor sparse = at::empty({csr ? b : 0, 4}, opts);
@@ -538,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
   const Prepared p = prepare(x, y, neg, labels_x, labels_y, crow, col, scale, bias, xs, xe, ys, ye, flags);
   const int64_t nb = p.square ? p.nx : p.ny;
   auto fx = forward_rows(p, p.x, p.norm_x, p.lab_x, p.cand, p.norm_c, p.lab_c, nb, p.square, true, xs, xe, sigma);
-  at::Tensor diff_y = at::zeros({0, 3}, p.norm_x.options()), aux_y = at::zeros({0, 3}, p.norm_x.options());
+  at::Tensor diff_y = at::zeros({0, 3}, p.norm_x.options()), aux_y = at::zeros({0, 4}, p.norm_x.options());
   if (p.bidir) {
     auto fy = forward_rows(p, p.y, p.norm_c, p.lab_c, p.x, p.norm_x, p.lab_x, p.nx, false, false, ys, ye, sigma);
     diff_y = fy.first, aux_y = fy.second;
@@ -546,10 +561,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
   return {fx.first, fx.second, diff_y, aux_y};
 }
 
-// (4, n): a, lse (+inf where a = 0), gp, gq per row, zero outside the window [w0, w1).
-at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, int64_t n, int64_t w0, int64_t w1, bool sigmoid,
-                        const at::TensorOptions& opts) {
-  at::Tensor c = at::zeros({4, n}, opts);
+// (5, n): a, lse (+inf where a = 0), gp, gq, lo per row, zero outside the window [w0, w1).
+at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, const at::Tensor& aux, int64_t n, int64_t w0,
+                        int64_t w1, bool sigmoid, const at::TensorOptions& opts) {
+  at::Tensor c = at::zeros({5, n}, opts);
   c[1].fill_(std::numeric_limits<double>::infinity());
   if (w1 <= w0) return c;
   const at::Tensor g = grad.to(opts.dtype());
@@ -560,6 +575,7 @@ at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, int64_t 
                                                 at::full_like(a, std::numeric_limits<double>::infinity())));
     c[2].narrow(0, w0, w1 - w0).copy_(g.select(1, 1));
     c[3].narrow(0, w0, w1 - w0).copy_(g.select(1, 2));
+    c[4].narrow(0, w0, w1 - w0).copy_(at::where(a != 0, aux.select(1, 3).to(opts.dtype()), at::zeros_like(a)));
   }
   return c;
 }
@@ -600,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
     const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& y,
     const c10::optional<at::Tensor>& neg, const c10::optional<at::Tensor>& labels_x, const c10::optional<at::Tensor>& labels_y,
     const c10::optional<at::Tensor>& crow, const c10::optional<at::Tensor>& col, const at::Tensor& diff_x,
-    const at::Tensor& diff_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
+    const at::Tensor& diff_y, const at::Tensor& aux_x, const at::Tensor& aux_y, const at::Tensor& scale, const at::Tensor& bias, int64_t xs, int64_t xe, int64_t ys, int64_t ye,
     int64_t flags, double sigma, bool need_x, bool need_y, bool need_neg) {
   NoAutocast no_autocast;  // csrc/no_autocast.h
   c10::DeviceGuard guard(x.device());
@@ -610,22 +626,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
   at::Tensor dx = at::empty({need_x ? p.nx : 0, k}, p.x.options());
   at::Tensor dy = at::empty({need_y && !p.square ? p.ny : 0, k}, p.x.options());
   at::Tensor dneg = at::empty({need_neg ? p.nq : 0, k}, p.x.options());
-  const at::Tensor cx = coefficients(grad_x, diff_x, p.nx, xs, xe, p.md.sigmoid, opts);
+  const at::Tensor cx = coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
   if (p.square) {
-    const at::Tensor cc = at::cat({cx, coefficients(grad_x, diff_x, p.nq, 0, 0, p.md.sigmoid, opts)}, 1);
+    const at::Tensor cc = at::cat({cx, coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts)}, 1);
     if (need_x)
       backward_rows(p, p.x, p.norm_x, p.lab_x, cx, p.cand, p.norm_c, p.lab_c, cc, p.nx, xs, xe, xs, xe, true, false, true,
                     sigma, dx);
     if (need_neg && p.nq) {
       const at::Tensor q = p.cand.narrow(0, p.nx, p.nq), norm_q = p.norm_c.narrow(0, p.nx, p.nq);
-      const at::Tensor empty = coefficients(grad_x, diff_x, p.nq, 0, 0, p.md.sigmoid, opts);
+      const at::Tensor empty = coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts);
       backward_rows(p, q, norm_q, at::Tensor(), empty, p.x, p.norm_x, at::Tensor(), cx, p.nx, 0, 0, xs, xe, false, true, false,
                     sigma, dneg);
     }
     return {dx, dy, dneg};
   }
-  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, p.ny, ys, ye, p.md.sigmoid, opts)
-                                : coefficients(grad_y, diff_y, p.ny, 0, 0, p.md.sigmoid, opts);
+  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
+                                : coefficients(grad_y, diff_y, aux_y, p.ny, 0, 0, p.md.sigmoid, opts);
   const int64_t yw0 = p.bidir ? ys : 0, yw1 = p.bidir ? ye : 0;
   if (need_x)
     backward_rows(p, p.x, p.norm_x, p.lab_x, cx, p.y, p.norm_c, p.lab_c, cy, p.ny, xs, xe, yw0, yw1, false, false, false, sigma,

@@ -7,14 +7,22 @@ temperature, CLIP and SigLIP (conventions §3b):
 
 * ``sslops::contrastive_fwd(x, y, negatives, labels_x, labels_y, crow, col, scale, bias,
   x_start, x_end, y_start, y_end, flags, sigma, backend) -> (diff_x, aux_x, diff_y, aux_y)``:
-  per anchor row, (B, 3) statistics. Square form (``y`` None): anchors rows [x_start, x_end)
+  per anchor row, (B, 3) and (B, 4) statistics. Square form (``y`` None): anchors rows [x_start, x_end)
   of x against x's own rows (G from labels or a CSR) and the ``negatives``. Two-set form:
   rows of x against y and, with ``BIDIR``, rows of y against x (CLIP's two directions).
   Softmax forms: diff = [lse_i, Σ_{P(i)} s, Σ_{P(i)} s·e^{s/σ}], aux = [|P(i)|, Σ_{D(i)} p·s,
-  Σ_{P(i)} e^{s/σ}]; SigLIP: diff = [Σ_j softplus(−y_ij x_ij), 0, 0], aux = [|P(i)|,
-  Σ_j h_ij s_ij, Σ_j h_ij] with h = ∂softplus(−y x)/∂x.
-* ``sslops::contrastive_bwd(grad_x, grad_y, ..., diff_x, diff_y, ...) -> (dx, dy, dnegatives)``:
-  the gradients of the rows from those of the diff columns, recomputing the similarity tiles.
+  Σ_{P(i)} e^{s/σ}, lo_i]; SigLIP: diff = [Σ_j softplus(−y_ij x_ij), 0, 0], aux = [|P(i)|,
+  Σ_j h_ij s_ij, Σ_j h_ij, 0] with h = ∂softplus(−y x)/∂x. ``lo_i`` is lse_i's rounding
+  residual: the kernel's m_i + log Σ exp(t·s − m_i) (m_i the row max) equals lse_i + lo_i
+  exactly.
+* ``sslops::contrastive_bwd(grad_x, grad_y, ..., diff_x, diff_y, aux_x, aux_y, ...) -> (dx, dy,
+  dnegatives)``: the gradients of the rows from those of the diff columns, recomputing the
+  similarity tiles. The softmax weights are exp((t·s − lse_i) − lo_i): lse_i ≈ 1/τ is rounded
+  to its ulp (1e-6 at τ = 0.07), and weights formed from the rounded value alone lose that
+  much relative precision, which a dominant positive's gradient p − 1 magnifies (NT-Xent's
+  fp32 gradients were 3-4× farther from float64 than lightly's cross-entropy form). With the
+  residual, t·s − lse_i is exact near the row maximum and the weights are as accurate as
+  naive fp32 PyTorch's (as :func:`sslops.reference.info_nce_rows`' split log-sum-exp).
 
 The autograd formula also returns the gradients of ``scale`` and ``bias`` (0-d tensors: a
 learnable temperature, logit scale or bias) from the saved per-row statistics alone:
@@ -88,8 +96,9 @@ def contrastive_fwd(x: Tensor, y: Optional[Tensor], negatives: Optional[Tensor],
 @contrastive_fwd.register_fake
 def _(x, y, negatives, labels_x, labels_y, crow, col, scale, bias, x_start, x_end, y_start, y_end, flags, sigma, backend):
     acc = _acc_dtype(x.dtype)
+    bx = x_end - x_start
     by = y_end - y_start if (y is not None and flags & BIDIR) else 0
-    return tuple(x.new_empty((b, 3), dtype=acc) for b in (x_end - x_start, x_end - x_start, by, by))
+    return tuple(x.new_empty((b, c), dtype=acc) for b, c in ((bx, 3), (bx, 4), (by, 3), (by, 4)))
 
 
 # ----------------------------------------------------------------------------- backward op
@@ -99,11 +108,11 @@ def _(x, y, negatives, labels_x, labels_y, crow, col, scale, bias, x_start, x_en
 @_autocast.disabled
 def contrastive_bwd(grad_x: Tensor, grad_y: Tensor, x: Tensor, y: Optional[Tensor], negatives: Optional[Tensor],
                     labels_x: Optional[Tensor], labels_y: Optional[Tensor], crow: Optional[Tensor], col: Optional[Tensor],
-                    diff_x: Tensor, diff_y: Tensor, scale: Tensor, bias: Tensor, x_start: int, x_end: int, y_start: int,
-                    y_end: int, flags: int, sigma: float, need_x: bool, need_y: bool, need_negatives: bool,
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    args = (grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, scale, bias, x_start, x_end,
-            y_start, y_end, flags, sigma, need_x, need_y, need_negatives)
+                    diff_x: Tensor, diff_y: Tensor, aux_x: Tensor, aux_y: Tensor, scale: Tensor, bias: Tensor,
+                    x_start: int, x_end: int, y_start: int, y_end: int, flags: int, sigma: float, need_x: bool,
+                    need_y: bool, need_negatives: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    args = (grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, aux_x, aux_y, scale, bias,
+            x_start, x_end, y_start, y_end, flags, sigma, need_x, need_y, need_negatives)
     if backend in ("cpu", "cuda"):
         return torch.ops.sslops.contrastive_bwd_cxx(*args)
     if backend == "triton":
@@ -114,8 +123,8 @@ def contrastive_bwd(grad_x: Tensor, grad_y: Tensor, x: Tensor, y: Optional[Tenso
 
 
 @contrastive_bwd.register_fake
-def _(grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, scale, bias, x_start, x_end, y_start,
-      y_end, flags, sigma, need_x, need_y, need_negatives, backend):
+def _(grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y, aux_x, aux_y, scale, bias, x_start,
+      x_end, y_start, y_end, flags, sigma, need_x, need_y, need_negatives, backend):
     k = x.shape[1]
     ny = y.shape[0] if (y is not None and need_y) else 0
     nq = negatives.shape[0] if (negatives is not None and need_negatives) else 0
@@ -153,7 +162,7 @@ def _backward(ctx, grad_diff_x, grad_aux_x, grad_diff_y, grad_aux_y):
     dx = dy = dneg = dscale = dbias = None
     if need[0] or need[1] or need[2]:
         gx, gy, gq = contrastive_bwd(grad_x, grad_y, x, y, negatives, labels_x, labels_y, crow, col, diff_x, diff_y,
-                                     scale, bias, x_start, x_end, y_start, y_end, flags, sigma, need[0],
+                                     aux_x, aux_y, scale, bias, x_start, x_end, y_start, y_end, flags, sigma, need[0],
                                      need[1] and y is not None, need[2] and negatives is not None, backend)
         dx = gx if need[0] else None
         dy = gy if need[1] and y is not None else None
