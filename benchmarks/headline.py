@@ -15,6 +15,8 @@ Barlow Twins           N = 2048, K = 8192        bf16, fp32 bf16
 Matrix-SSL             N = 4096, K = 2048        fp32       yes
 VICReg over G          N = 65536, K = 256        fp32       no (labels and pairs)
 MCE(P, Q)              K = 2048                  fp32       no
+CLIP, SigLIP           N = 65536, K = 512        bf16       no (naive: dense, ~17 GB)
+RankMe                 N = 65536, K = 2048       fp32       no (naive: svdvals)
 =====================  ========================  =========  ===========================
 """
 
@@ -25,8 +27,11 @@ import dataclasses
 import torch
 
 from .bench_barlow_twins import barlow_case
+from .bench_clip import clip_case
 from .bench_infonce import info_nce_case
 from .bench_mce import mce_case, mce_pq_case
+from .bench_metrics import rankme_case
+from .bench_siglip import siglip_case
 from .bench_vicreg import relation_case, vicreg_case
 
 COMPILE_PASS_NOTE = "compile pass: the sslops providers of this case were timed in the headline pass above"
@@ -51,6 +56,9 @@ def headline_cases():
         _named(relation_case(65536, 256, fp32, relation="labels", compile=False), "vicreg_relation[labels]"),
         _named(relation_case(65536, 256, fp32, relation="pairs", compile=False), "vicreg_relation[pairs]"),
         mce_pq_case(2048, compile=False, note="headline"),
+        clip_case(65536, 512, bf16, compile=False, note="headline"),
+        siglip_case(65536, 512, bf16, compile=False, note="headline"),
+        rankme_case(65536, 2048, fp32, note="headline"),
     ]
 
 
@@ -70,5 +78,6 @@ def compile_cases(device):
 def cases(device):
     """[(stem, case)]: the headline pass, then the compile pass."""
     stems = {"info_nce": "infonce", "vicreg": "vicreg", "vicreg_relation": "vicreg", "barlow_twins": "barlow_twins",
-             "matrix_ssl": "mce", "matrix_cross_entropy": "mce"}
+             "matrix_ssl": "mce", "matrix_cross_entropy": "mce", "clip": "clip", "siglip": "siglip",
+             "rankme": "metrics"}
     return [(stems[c.loss], c) for c in headline_cases() + compile_cases(device)]
