@@ -10,6 +10,7 @@ import pathlib
 
 import pytest
 import torch
+from tests.utils import one_thread  # noqa: F401 (an autouse fixture: every test here on one thread)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,13 +24,6 @@ def _load(name):
 
 seeds = _load("seeds")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: one thread is faster, and CI has two cores
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

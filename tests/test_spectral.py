@@ -18,16 +18,10 @@ import torch
 
 import sslops
 from sslops import metrics, spectral
+from tests.utils import one_thread  # noqa: F401 (an autouse fixture: every test here on one thread)
 
 F64 = torch.float64
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 problems: one thread is several times faster, and CI has two cores
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed):

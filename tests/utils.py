@@ -2,12 +2,23 @@
 
 import os
 
+import pytest
 import torch
 
 import sslops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Imported by a test module (``from tests.utils import one_thread``): its tests run on one
+    thread. Tiny float64 problems run several times faster so, and CI has two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def device_for(backend=None):
@@ -101,14 +112,6 @@ def assert_error_within(kernel, naive, exact, *, factor=2.0, ulps=None, scale=No
         f"{what}: kernel error {err_kernel:.3e} > {factor:g} × naive error {err_naive:.3e} + floor {floor:.3e} "
         f"({ulps} ulp of {kernel.dtype} × {scale:.3e})")
     return err_kernel, err_naive, bound
-
-
-def loss_and_grads(fn, tensors, grad_out=1.0):
-    """``fn(*tensors)`` and the gradients of ``grad_out × loss`` with respect to every tensor."""
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    loss = fn(*leaves)
-    loss.backward(torch.full_like(loss, grad_out))
-    return loss.detach(), [t.grad for t in leaves]
 
 
 def assert_kernel_within_rule(kernel_fn, naive_fn, tensors, *, grad_out=1.0, factor=2.0, what=""):
