@@ -11,7 +11,10 @@
 // (Py_LIMITED_API, set by setup.py), so one _C.abi3.so loads on every CPython >= 3.10 with
 // the torch it was built against (a build made with Python 3.11 runs on a 3.12 machine).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "cpu/cpu_capability.h"
 
 TORCH_LIBRARY(sslops, m) {
   // ---- column statistics (csrc/cpu/column_moments.cpp, csrc/cuda/column_moments.cu)
@@ -80,9 +83,21 @@ PyObject* built_with_openmp(PyObject*, PyObject*) {
 #endif
 }
 
+// The CPU kernels' vector ISA level now ("default", "avx2", "avx512"; csrc/cpu/cpu_capability.h);
+// ValueError for an SSLOPS_CPU_CAPABILITY that names none of them.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(sslops::cpu_capability_name(sslops::cpu_capability()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in"},
     {"built_with_openmp", built_with_openmp, METH_NOARGS, "True when the CPU kernels use OpenMP threads"},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The vector ISA level of the CPU kernels' loops now"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -117,6 +117,15 @@ def _cpu_status():
     return True, "C++ CPU kernels (OpenMP)" if _extension.BUILT_WITH_OPENMP else "C++ CPU kernels (no OpenMP: one thread)"
 
 
+def _cpu_capability_note():
+    """The vector ISA the cpu kernels' loops run at, for backends() (not on the traced path:
+    torch.compile cannot trace the extension's function)."""
+    try:
+        return f"{_extension.cpu_capability()} vector loops"
+    except ValueError as exc:  # a bad SSLOPS_CPU_CAPABILITY: every cpu kernel call raises it too
+        return str(exc)
+
+
 def backends() -> Dict[str, dict]:
     """What can run on this machine: ``{name: {"available": bool, "reason": str, "losses": [...]}}``.
 
@@ -129,6 +138,8 @@ def backends() -> Dict[str, dict]:
         "cpu": _cpu_status(),
         "reference": (True, "pure PyTorch (sslops.reference), every device"),
     }
+    if status["cpu"][0]:
+        status["cpu"] = (True, f"{status['cpu'][1]}; {_cpu_capability_note()}")
     out = {}
     for name, (ok, why) in status.items():
         if name == "reference":

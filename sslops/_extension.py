@@ -26,3 +26,18 @@ BUILT_WITH_OPENMP = LOADED and bool(_C.built_with_openmp())
 def has_cuda_kernels():
     """True when the extension was compiled with its CUDA kernels."""
     return BUILT_WITH_CUDA
+
+
+def cpu_capability():
+    """The vector instruction set the C++ CPU kernels' inner loops run at now.
+
+    ``"default"`` (the build's baseline: SSE2 on x86-64), ``"avx2"`` (AVX2 + FMA) or
+    ``"avx512"`` (AVX-512 F/BW/DQ/VL): the best this CPU supports, capped by the environment
+    variable ``SSLOPS_CPU_CAPABILITY`` (the same three names; read at every kernel call). The
+    loops are compiled for all three by GCC on x86-64; elsewhere only ``"default"`` exists.
+    ``None`` without the compiled extension. Raises ``ValueError`` when
+    ``SSLOPS_CPU_CAPABILITY`` is set to anything else.
+    """
+    if not LOADED or not hasattr(_C, "cpu_capability"):
+        return None
+    return _C.cpu_capability()

@@ -51,12 +51,10 @@
 // 2·2·(rows)·(columns)·K per pass (the tile recomputed, then the product); exp per tile entry
 // (two in the softmax backward, plus one for DCLW's positives).
 //
-// The selects in exp_ps only if-convert (and the loops below only vectorise) when GCC may
-// assume that float arithmetic does not trap; torch itself is built with -fno-trapping-math.
-// It must come before the includes: std::min/max are inlined from them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The vectorised per-row loops over one tile (logits, online sums, the backward's
+// coefficients) are in csrc/cpu/infonce_rows_impl.h, compiled for the baseline ISA, AVX2 and
+// AVX-512 and chosen per call (csrc/cpu/cpu_capability.h: SSLOPS_CPU_CAPABILITY caps it);
+// results agree across levels to rounding, and are bit-identical between runs at one level.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
@@ -76,6 +74,7 @@
 #include <vector>
 
 #include "../no_autocast.h"
+#include "infonce_rows.h"
 #include "parallel.h"
 
 namespace sslops {
@@ -163,50 +162,6 @@ void normalise_rows(const at::Tensor& x_in, bool normalize, acc* xh, acc* norm) 
   });
 }
 
-// exp in fp32 without a libm call, so `omp simd` loops vectorise: x = n·ln2 + r with
-// |r| <= ln2/2 (Cody–Waite split of ln2), exp(r) by its degree-7 Taylor polynomial
-// (relative error < 1e-8, below fp32 rounding), 2^n from the exponent bits. Below −87 it
-// returns 0 (this covers −inf); NaN stays NaN.
-inline float exp_ps(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float y = xc * 1.44269504088896341f + 0.5f;
-  int n = static_cast<int>(y);
-  n -= static_cast<int>(y < static_cast<float>(n));  // floor(y)
-  const float fn = static_cast<float>(n);
-  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float e = p * scale;
-  e = x < -87.0f ? 0.0f : e;
-  e = x > 88.0f ? std::numeric_limits<float>::infinity() : e;
-  return x != x ? x : e;
-}
-inline double exp_ps(double x) { return std::exp(x); }
-
-// log(1 + u) for u in [0, 1] in fp32 without a libm call: 2·atanh(r), r = u/(2 + u) <= 1/3,
-// by its odd series to r¹⁵ (truncation < 2e-9 relative, below fp32 rounding; exact as u → 0).
-inline float log1p_unit_ps(float u) {
-  const float r = u / (2.0f + u), r2 = r * r;
-  float p = 1.0f / 15.0f;
-  p = p * r2 + 1.0f / 13.0f;
-  p = p * r2 + 1.0f / 11.0f;
-  p = p * r2 + 1.0f / 9.0f;
-  p = p * r2 + 1.0f / 7.0f;
-  p = p * r2 + 1.0f / 5.0f;
-  p = p * r2 + 1.0f / 3.0f;
-  p = p * r2 + 1.0f;
-  return 2.0f * r * p;
-}
-inline double log1p_unit_ps(double u) { return std::log1p(u); }
 
 template <typename acc>
 acc dot(const acc* a, const acc* b, int64_t k) {
@@ -241,120 +196,6 @@ void parallel_blocks(int64_t n, const F& f) {
   if (n > 0) f(int64_t(0), n);
 }
 
-// ----------------------------------------------------------------------------- one tile row
-// The per-row loops over one similarity tile, kept out of line so that they are compiled
-// under this file's options (inlined into ATen's parallel_for they would lose them).
-
-// xr[j] <- t·s_j for the in-batch columns [0, ib) when keep_neg (the caller then marks the CSR
-// positives), −inf otherwise; the negatives' columns [ib, bc) always t·s_j.
-template <typename acc>
-__attribute__((noinline)) void masked_logits(const acc* s, acc* xr, acc t, bool keep_neg, int64_t ib, int64_t bc) {
-  const acc neg_inf = -std::numeric_limits<acc>::infinity();
-#pragma omp simd
-  for (int64_t j = 0; j < ib; ++j) xr[j] = keep_neg ? s[j] * t : neg_inf;
-#pragma omp simd
-  for (int64_t j = ib; j < bc; ++j) xr[j] = s[j] * t;
-}
-
-template <typename acc>
-__attribute__((noinline)) acc span_max(const acc* x, int64_t n) {
-  acc m = -std::numeric_limits<acc>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-}
-
-// Σ exp(xr_j − mx) over the terms below the maximum, the count of terms at it (each exactly 1)
-// and Σ exp(xr_j − mx)·s_j over [0, n). The terms at the maximum are kept out of the sum so
-// that the caller adds them last: one rounding near 1 instead of one per later small term (a
-// dominant positive's 1 − p is that sum: naive PyTorch's error, not a multiple of it).
-template <typename acc>
-__attribute__((noinline)) void span_exp_sums(const acc* xr, const acc* s, acc mx, int64_t n, acc& sum_out, acc& top_out,
-                                             acc& ms_out) {
-  acc sum = 0, top = 0, ms = 0;
-#pragma omp simd reduction(+ : sum, top, ms)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc e = exp_ps(xr[j] - mx);
-    const bool at_max = xr[j] == mx;
-    sum += at_max ? acc(0) : e;
-    top += at_max ? acc(1) : acc(0);
-    ms += e * s[j];
-  }
-  sum_out += sum;
-  top_out += top;
-  ms_out += ms;
-}
-
-// Labelled in-batch columns [j0, j1) in one pass: xr_j = t·s_j where the column is in the
-// denominator (j ∈ P(i) ? keep_pos : keep_neg), −inf elsewhere; the positives' Σ s, count and
-// (weighted) Σ s·e^{s/σ}, Σ e^{s/σ} into pos4; returns max_j xr_j.
-template <typename acc, bool WEIGHTED>
-__attribute__((noinline)) acc span_logits_positives(const acc* s, acc* xr, const int32_t* lab, int32_t li, bool keep_pos,
-                                                    bool keep_neg, acc t, acc inv_sigma, int64_t j0, int64_t j1, acc* pos4) {
-  const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  const int kp = keep_pos, kn = keep_neg;
-  acc m = neg_inf, p = 0, n = 0, pse = 0, pe = 0;
-#pragma omp simd reduction(max : m) reduction(+ : p, n, pse, pe)
-  for (int64_t j = j0; j < j1; ++j) {
-    const int g = lab[j] == li;
-    const int keep = (g & kp) | ((g ^ 1) & kn);
-    const acc xv = keep ? s[j] * t : neg_inf;
-    xr[j] = xv;
-    m = std::max(m, xv);
-    const acc gf = static_cast<acc>(g);
-    p += gf * s[j];
-    n += gf;
-    if constexpr (WEIGHTED) {
-      const acc e = exp_ps(s[j] * inv_sigma);
-      pse += gf * s[j] * e;
-      pe += gf * e;
-    }
-  }
-  pos4[0] += p;
-  pos4[1] += n;
-  pos4[2] += pse;
-  pos4[3] += pe;
-  return m;
-}
-
-// The negatives' columns [j0, j1): xr_j = t·s_j; returns their max.
-template <typename acc>
-__attribute__((noinline)) acc span_logits(const acc* s, acc* xr, acc t, int64_t j0, int64_t j1) {
-  acc m = -std::numeric_limits<acc>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = j0; j < j1; ++j) {
-    xr[j] = s[j] * t;
-    m = std::max(m, xr[j]);
-  }
-  return m;
-}
-
-// SigLIP over [0, n): Σ softplus(−y x), Σ h·s, Σ h, #positives with x = t·s + b,
-// y = lab[j] == li ? +1 : −1, h = −y·σ(−y x). Stable for any x: softplus(v) = max(v, 0) +
-// log1p(e^{−|v|}), σ from the same e^{−|v|}.
-template <typename acc>
-__attribute__((noinline)) void span_sigmoid(const acc* s, const int32_t* lab, int32_t li, acc t, acc b, int64_t n,
-                                            acc* out4) {
-  acc sp = 0, hs = 0, hsum = 0, cnt = 0;
-#pragma omp simd reduction(+ : sp, hs, hsum, cnt)
-  for (int64_t j = 0; j < n; ++j) {
-    const bool pos = lab[j] == li;
-    const acc x = s[j] * t + b;
-    const acc v = pos ? -x : x;  // −y·x
-    const acc u = exp_ps(-std::abs(v));
-    const acc sig = (v >= acc(0) ? acc(1) : u) / (acc(1) + u);  // σ(v)
-    sp += std::max(v, acc(0)) + log1p_unit_ps(u);
-    const acc h = pos ? -sig : sig;
-    hs += h * s[j];
-    hsum += h;
-    cnt += pos ? acc(1) : acc(0);
-  }
-  out4[0] += sp;
-  out4[1] += hs;
-  out4[2] += hsum;
-  out4[3] += cnt;
-}
-
 // ----------------------------------------------------------------------------- forward
 
 // Everything one pass needs, in raw pointers: rows R (anchors, or gradient rows) against
@@ -370,6 +211,7 @@ struct Pass {
   bool rows_extra = false;       // backward over the negatives' rows: no relation, always candidates
   Mode md;
   acc t = 1, b = 0, inv_sigma = 2;
+  const ContrastiveRows<acc>* rows = nullptr;  // the row loops at the call's CPU capability
 };
 
 // Columns [c0, c0 + ib) of the row of anchor gi that are in-batch positives by the CSR:
@@ -390,6 +232,7 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
   const int64_t blocks = (re - rs + kRowBlock - 1) / kRowBlock;
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   const Mode& md = ps.md;
+  const ContrastiveRows<acc>& rk = *ps.rows;
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({kRowBlock, kColBlock}, ps.cols_t.options());
     // run_sum: the terms below run_max; run_top: how many sit at it (each contributes exactly 1)
@@ -416,12 +259,12 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
           const int32_t* lj = ps.lab_c ? ps.lab_c + c0 : nullptr;
           acc* sti = st.data() + 4 * i;
           if (md.sigmoid) {
-            span_sigmoid(srow, lj, li, ps.t, ps.b, bc, sti);
+            rk.span_sigmoid(srow, lj, li, ps.t, ps.b, bc, sti);
             continue;
           }
           acc tmax;
           if (lj) {  // labels: logits, positives and max in one pass (the diagonal left out: two spans)
-            const auto labelled = md.weighted ? span_logits_positives<acc, true> : span_logits_positives<acc, false>;
+            const auto labelled = md.weighted ? rk.span_logits_positives_weighted : rk.span_logits_positives;
             const int64_t d = ps.self_excl ? gi - c0 : -1;
             if (d >= 0 && d < ib) {
               tmax = std::max(labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, d, sti),
@@ -430,23 +273,23 @@ void forward_pass(const Pass<acc>& ps, int64_t rs, int64_t re, acc* diff, acc* a
             } else {
               tmax = labelled(srow, xr.data(), lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, 0, ib, sti);
             }
-            if (ib < bc) tmax = std::max(tmax, span_logits(srow, xr.data(), ps.t, ib, bc));
+            if (ib < bc) tmax = std::max(tmax, rk.span_logits(srow, xr.data(), ps.t, ib, bc));
           } else {  // a CSR: the denominator by membership, the positives summed sparsely below
-            masked_logits(srow, xr.data(), ps.t, md.keep_neg, ib, bc);
+            rk.masked_logits(srow, xr.data(), ps.t, md.keep_neg, ib, bc);
             if (ps.csr.crow && md.member_needed()) mark_csr_row(ps.csr, gi, c0, ib, srow, xr.data(), ps.t, md.keep_pos);
             if (ps.self_excl && gi >= c0 && gi < c0 + ib) xr[gi - c0] = neg_inf;
-            tmax = span_max(xr.data(), bc);
+            tmax = rk.span_max(xr.data(), bc);
           }
           // A NaN similarity must not vanish in the max: the sum below carries it.
           if (tmax > run_max[i]) {
-            const acc f = exp_ps(run_max[i] - tmax);
+            const acc f = std::exp(run_max[i] - tmax);
             run_sum[i] = (run_sum[i] + run_top[i]) * f;  // the old maximum's terms fall below the new one
             run_top[i] = 0;
             run_ms[i] *= f;
             run_max[i] = tmax;
           }
           if (run_max[i] == neg_inf) continue;  // nothing in the denominator so far
-          span_exp_sums(xr.data(), srow, run_max[i], bc, run_sum[i], run_top[i], run_ms[i]);
+          rk.span_exp_sums(xr.data(), srow, run_max[i], bc, run_sum[i], run_top[i], run_ms[i]);
         }
       }
       for (int64_t i = 0; i < br; ++i) {
@@ -501,62 +344,6 @@ struct Coef {
   const acc* lo = nullptr;
 };
 
-// Row r of a tile, in place: s_j <- D_rj = C_rj + C_jr (both directions), the in-batch block
-// by the relation, the negatives' columns (and rows_extra) with no relation. Branch-free (so
-// that the loops vectorise): the exponents are clamped at 0, which changes nothing inside the
-// denominator (x <= LSE there) and keeps exp finite outside it, where the 0/1 factor `keep`
-// then zeroes the term (a product with an overflowed exp would be 0·inf = NaN).
-template <typename acc, bool WEIGHTED>
-__attribute__((noinline)) void coef_row_softmax(acc* s, const int32_t* lab, int32_t li, bool keep_pos, bool keep_neg, acc t,
-                                                acc inv_sigma, acc ar, acc lr, acc lor, acc gpr, acc gqr, const acc* ac,
-                                                const acc* lc, const acc* loc, const acc* gpc, const acc* gqc, int64_t ib,
-                                                int64_t bc, const acc* keep_buf, bool rows_extra) {
-  const acc zero = 0;
-  if (lab) {
-    const int kp = keep_pos, kn = keep_neg;
-#pragma omp simd
-    for (int64_t j = 0; j < ib; ++j) {
-      const int g = lab[j] == li;
-      const acc keep = static_cast<acc>((g & kp) | ((g ^ 1) & kn));
-      const acc x = s[j] * t;
-      acc d = keep * t * (ar * exp_ps(std::min((x - lr) - lor, zero)) + ac[j] * exp_ps(std::min((x - lc[j]) - loc[j], zero)));
-      acc pair = gpr + gpc[j];
-      if constexpr (WEIGHTED) pair += (gqr + gqc[j]) * exp_ps(s[j] * inv_sigma);
-      s[j] = d + static_cast<acc>(g) * pair;
-    }
-  } else {  // keep_buf[j] = 1 where column j is in the denominator (CSR rows: set by the caller)
-#pragma omp simd
-    for (int64_t j = 0; j < ib; ++j) {
-      const acc x = s[j] * t;
-      s[j] = keep_buf[j] * t * (ar * exp_ps(std::min((x - lr) - lor, zero)) + ac[j] * exp_ps(std::min((x - lc[j]) - loc[j], zero)));
-    }
-  }
-  // Columns [ib, bc) relate to no row: either they are the negatives (never anchors: only the
-  // row's own term) or, over the negatives' rows (rows_extra: ib = 0), they are the anchors
-  // (only the column's term). One exponential each.
-  if (rows_extra) {
-#pragma omp simd
-    for (int64_t j = ib; j < bc; ++j) s[j] = t * ac[j] * exp_ps(std::min((s[j] * t - lc[j]) - loc[j], zero));
-  } else {
-#pragma omp simd
-    for (int64_t j = ib; j < bc; ++j) s[j] = t * ar * exp_ps(std::min((s[j] * t - lr) - lor, zero));
-  }
-}
-
-template <typename acc>
-__attribute__((noinline)) void coef_row_sigmoid(acc* s, const int32_t* lab, int32_t li, acc t, acc b, acc ar,
-                                                const acc* ac, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const bool pos = lab[j] == li;
-    const acc x = s[j] * t + b;
-    const acc v = pos ? -x : x;
-    const acc u = exp_ps(-std::abs(v));
-    const acc sig = (v >= acc(0) ? acc(1) : u) / (acc(1) + u);
-    s[j] = (ar + ac[j]) * t * (pos ? -sig : sig);
-  }
-}
-
 // dR̂ (nR, K) in acc: rows of R against the columns of C, both directions' coefficients.
 // Rows outside [rw0, rw1) have zero coefficients and only need C's window [cw0, cw1).
 template <typename acc>
@@ -565,6 +352,7 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
   const int64_t nr = ps.rows_t.size(0), nc = ps.cols_t.size(0), k = ps.cols_t.size(1);
   const int64_t blocks = (nr + kRowBlock - 1) / kRowBlock;
   const Mode& md = ps.md;
+  const ContrastiveRows<acc>& rk = *ps.rows;
   const acc zero = 0, inf = std::numeric_limits<acc>::infinity();
   parallel_blocks(blocks, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({kRowBlock, kColBlock}, ps.cols_t.options());
@@ -589,7 +377,7 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
           const int32_t* lj = ps.lab_c ? ps.lab_c + c0 : nullptr;
           const acc ar = cr.a ? cr.a[gi] : zero;
           if (md.sigmoid) {
-            coef_row_sigmoid(srow, lj, li, ps.t, ps.b, ar, cc.a + c0, bc);
+            rk.coef_row_sigmoid(srow, lj, li, ps.t, ps.b, ar, cc.a + c0, bc);
             continue;
           }
           const acc lr = cr.a ? cr.lse[gi] : inf, lor = cr.a ? cr.lo[gi] : zero;
@@ -604,13 +392,13 @@ void backward_pass(const Pass<acc>& ps, const Coef<acc>& cr, const Coef<acc>& cc
             }
           }
           if (md.weighted)
-            coef_row_softmax<acc, true>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr, gqr,
-                                        cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(),
-                                        ps.rows_extra);
+            rk.coef_row_softmax_weighted(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr,
+                                         gqr, cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc,
+                                         keep.data(), ps.rows_extra);
           else
-            coef_row_softmax<acc, false>(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr, gqr,
-                                         cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(),
-                                         ps.rows_extra);
+            rk.coef_row_softmax(srow, lj, li, md.keep_pos, md.keep_neg, ps.t, ps.inv_sigma, ar, lr, lor, gpr, gqr,
+                                cc.a + c0, cc.lse + c0, cc.lo + c0, cc.gp + c0, cc.gq + c0, ib, bc, keep.data(),
+                                ps.rows_extra);
           if (ps.self_excl && gi >= c0 && gi < c0 + bc) srow[gi - c0] = 0;  // no j = i term
         }
         g.addmm_(s_t, ps.cols_t.narrow(0, c0, bc));
@@ -673,6 +461,7 @@ struct Prepared {
   at::Tensor lab_x, lab_c;                 // dense int32 ids (undefined without labels)
   at::Tensor crow, col;
   Mode md;
+  CpuCapability level = CpuCapability::kDefault;  // the row loops' ISA, read once per call
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& neg,
@@ -682,6 +471,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
   TORCH_CHECK(x.dim() == 2, "contrastive: x must be 2-D, got ", x.dim(), "-D");
   Prepared p;
   p.md = make_mode(flags);
+  p.level = cpu_capability();
   p.square = !y.has_value();
   p.bidir = (flags & kBidir) && !p.square;
   p.nx = x.size(0), p.k = x.size(1);
@@ -753,6 +543,7 @@ Pass<acc> make_pass(const Prepared& p, const at::Tensor& rows, const at::Tensor&
   ps.t = scale.to(rows.scalar_type()).item<acc>();
   ps.b = bias.to(rows.scalar_type()).item<acc>();
   ps.inv_sigma = static_cast<acc>(1.0 / sigma);
+  ps.rows = &contrastive_rows<acc>(p.level);
   return ps;
 }
 
