@@ -74,6 +74,7 @@
 #include <vector>
 
 #include "../no_autocast.h"
+#include "infonce_coefficients.h"
 #include "infonce_rows.h"
 #include "parallel.h"
 
@@ -573,25 +574,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
   return {diff_x, aux_x, diff_y, aux_y};
 }
 
-// (a, lse, gp, gq, lo) per row of a set of n rows, zero outside the window [w0, w1) (lse +inf).
-at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, const at::Tensor& aux, int64_t n, int64_t w0,
-                        int64_t w1, bool sigmoid, const at::TensorOptions& opts) {
-  at::Tensor c = at::zeros({5, n}, opts);
-  c[1].fill_(std::numeric_limits<double>::infinity());
-  if (w1 <= w0) return c;
-  const at::Tensor g = grad.to(opts.dtype());
-  const at::Tensor a = g.select(1, 0);
-  c[0].narrow(0, w0, w1 - w0).copy_(a);
-  if (!sigmoid) {
-    const at::Tensor live = a != 0;
-    c[1].narrow(0, w0, w1 - w0).copy_(at::where(live, diff.select(1, 0).to(opts.dtype()), at::full_like(a, INFINITY)));
-    c[2].narrow(0, w0, w1 - w0).copy_(g.select(1, 1));
-    c[3].narrow(0, w0, w1 - w0).copy_(g.select(1, 2));
-    c[4].narrow(0, w0, w1 - w0).copy_(at::where(live, aux.select(1, 3).to(opts.dtype()), at::zeros_like(a)));
-  }
-  return c;
-}
-
 template <typename acc>
 Coef<acc> coef_ptrs(const at::Tensor& c) {
   Coef<acc> out;
@@ -614,9 +596,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cpu(
   at::Tensor dx = at::zeros({need_x ? p.nx : 0, k}, x.options());
   at::Tensor dy = at::zeros({need_y && !p.square ? p.ny : 0, k}, x.options());
   at::Tensor dneg = at::zeros({need_neg ? p.nq : 0, k}, x.options());
-  const at::Tensor cx = coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
-  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
-                                : coefficients(grad_y, diff_y, aux_y, nb + p.nq, 0, 0, p.md.sigmoid, opts);
+  const at::Tensor cx = contrastive_coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
+  const at::Tensor cy = p.bidir ? contrastive_coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
+                                : contrastive_coefficients(grad_y, diff_y, aux_y, nb + p.nq, 0, 0, p.md.sigmoid, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "contrastive_bwd_cxx", [&] {
     using acc = acc_t<scalar_t>;
     if (p.square) {

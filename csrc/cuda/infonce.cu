@@ -40,6 +40,7 @@
 
 #include <limits>
 
+#include "../cpu/infonce_coefficients.h"
 #include "../no_autocast.h"
 #include "stream.h"
 
@@ -561,25 +562,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
   return {fx.first, fx.second, diff_y, aux_y};
 }
 
-// (5, n): a, lse (+inf where a = 0), gp, gq, lo per row, zero outside the window [w0, w1).
-at::Tensor coefficients(const at::Tensor& grad, const at::Tensor& diff, const at::Tensor& aux, int64_t n, int64_t w0,
-                        int64_t w1, bool sigmoid, const at::TensorOptions& opts) {
-  at::Tensor c = at::zeros({5, n}, opts);
-  c[1].fill_(std::numeric_limits<double>::infinity());
-  if (w1 <= w0) return c;
-  const at::Tensor g = grad.to(opts.dtype());
-  const at::Tensor a = g.select(1, 0);
-  c[0].narrow(0, w0, w1 - w0).copy_(a);
-  if (!sigmoid) {
-    c[1].narrow(0, w0, w1 - w0).copy_(at::where(a != 0, diff.select(1, 0).to(opts.dtype()),
-                                                at::full_like(a, std::numeric_limits<double>::infinity())));
-    c[2].narrow(0, w0, w1 - w0).copy_(g.select(1, 1));
-    c[3].narrow(0, w0, w1 - w0).copy_(g.select(1, 2));
-    c[4].narrow(0, w0, w1 - w0).copy_(at::where(a != 0, aux.select(1, 3).to(opts.dtype()), at::zeros_like(a)));
-  }
-  return c;
-}
-
 // dr (r's dtype) from both directions' coefficients against the columns of c.
 void backward_rows(const Prepared& p, const at::Tensor& r, const at::Tensor& norm_r, const at::Tensor& lab_r,
                    const at::Tensor& coef_r, const at::Tensor& c, const at::Tensor& norm_c, const at::Tensor& lab_c,
@@ -626,22 +608,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
   at::Tensor dx = at::empty({need_x ? p.nx : 0, k}, p.x.options());
   at::Tensor dy = at::empty({need_y && !p.square ? p.ny : 0, k}, p.x.options());
   at::Tensor dneg = at::empty({need_neg ? p.nq : 0, k}, p.x.options());
-  const at::Tensor cx = coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
+  const at::Tensor cx = contrastive_coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
   if (p.square) {
-    const at::Tensor cc = at::cat({cx, coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts)}, 1);
+    const at::Tensor cc = at::cat({cx, contrastive_coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts)}, 1);
     if (need_x)
       backward_rows(p, p.x, p.norm_x, p.lab_x, cx, p.cand, p.norm_c, p.lab_c, cc, p.nx, xs, xe, xs, xe, true, false, true,
                     sigma, dx);
     if (need_neg && p.nq) {
       const at::Tensor q = p.cand.narrow(0, p.nx, p.nq), norm_q = p.norm_c.narrow(0, p.nx, p.nq);
-      const at::Tensor empty = coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts);
+      const at::Tensor empty = contrastive_coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts);
       backward_rows(p, q, norm_q, at::Tensor(), empty, p.x, p.norm_x, at::Tensor(), cx, p.nx, 0, 0, xs, xe, false, true, false,
                     sigma, dneg);
     }
     return {dx, dy, dneg};
   }
-  const at::Tensor cy = p.bidir ? coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
-                                : coefficients(grad_y, diff_y, aux_y, p.ny, 0, 0, p.md.sigmoid, opts);
+  const at::Tensor cy = p.bidir ? contrastive_coefficients(grad_y, diff_y, aux_y, p.ny, ys, ye, p.md.sigmoid, opts)
+                                : contrastive_coefficients(grad_y, diff_y, aux_y, p.ny, 0, 0, p.md.sigmoid, opts);
   const int64_t yw0 = p.bidir ? ys : 0, yw1 = p.bidir ? ye : 0;
   if (need_x)
     backward_rows(p, p.x, p.norm_x, p.lab_x, cx, p.y, p.norm_c, p.lab_c, cy, p.ny, xs, xe, yw0, yw1, false, false, false, sigma,
