@@ -438,7 +438,7 @@ def providers(case: Case, device: torch.device, with_compile: bool = True):
     if with_compile and case.compile:
         out.append(("compile", COMPILE, None))
     elif with_compile:
-        out.append(("compile", None, "torch.compile is run on the target sizes only (compiling costs about 30 s per case on a CPU)"))
+        out.append(("compile", None, "torch.compile skipped for this case (compiling costs about 30 s per case on a CPU, and naive seconds per call: only the smaller CPU sizes compile)"))
     for name, fn in case.extra.items():
         out.append((name, fn, None))
     return [(name, None, case.skip_providers[name]) if name in case.skip_providers else (name, fn, why)

@@ -107,6 +107,17 @@ def _differentiable(value):
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
+def _negatives_in_feature_dtype(args, kwargs):
+    """Under autocast the features leave the model in the autocast dtype while a queue of
+    negatives (a buffer, sslops.nn.NegativeQueue) keeps its own: cast the queue to the features'
+    dtype, as autocast casts a product's operands. Outside autocast a mismatch stays an error."""
+    neg, z = kwargs.get("negatives"), args[0] if args else None
+    if (isinstance(neg, torch.Tensor) and isinstance(z, torch.Tensor) and neg.dtype != z.dtype
+            and neg.is_floating_point() and z.is_floating_point()):
+        kwargs = dict(kwargs, negatives=neg.to(z.dtype))
+    return kwargs
+
+
 def fp32_loss(fn):
     """Decorator for the public losses: forward and backward with autocast off (see the module docstring)."""
 
@@ -114,6 +125,7 @@ def fp32_loss(fn):
     def wrapper(*args, **kwargs):
         if not autocast_on():
             return fn(*args, **kwargs)
+        kwargs = _negatives_in_feature_dtype(args, kwargs)
         positional = [i for i, a in enumerate(args) if _differentiable(a)]
         named = [name for name, v in kwargs.items() if _differentiable(v)]
         if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not (positional or named):

@@ -46,7 +46,7 @@ def check_embedding(name, z, *, min_rows=1, why_rows=""):
     if k < 1:
         raise ValueError(f"{name} must have at least one feature column, got shape {tuple(z.shape)}")
     if n < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows{why_rows}, got N = {n}")
+        raise ValueError(f"{name} needs at least {min_rows} row{'s' if min_rows != 1 else ''}{why_rows}, got N = {n}")
     check_finite(name, z)
 
 

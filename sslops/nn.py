@@ -118,6 +118,9 @@ class CLIPLoss(_Loss):
         super().__init__()
         if not init_logit_scale > 0 or not max_logit_scale > 0:
             raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got {init_logit_scale}, {max_logit_scale}")
+        if learnable and init_logit_scale > max_logit_scale:
+            raise ValueError(f"init_logit_scale ({init_logit_scale}) must be <= max_logit_scale ({max_logit_scale}): "
+                             "clamped from the first step, the scale would get no gradient and never learn")
         log_scale = torch.tensor(math.log(init_logit_scale), dtype=torch.float32)
         if learnable:
             self.log_logit_scale = torch.nn.Parameter(log_scale)
@@ -173,13 +176,19 @@ class NegativeQueue(torch.nn.Module):
 
     ::
 
-        queue = sslops.nn.NegativeQueue(65536, 128)
+        queue = sslops.nn.NegativeQueue(65536, 128, init="random")   # MoCo's start
         loss = sslops.nt_xent_loss(q, k, negatives=queue.negatives, in_batch_negatives=False)
         loss.backward(); optimizer.step()
         queue.enqueue(k)            # after the step: the keys of this batch replace the oldest rows
 
-    ``negatives`` is the filled part of the queue ((min(seen, size), K), detached; empty until
-    the first ``enqueue``). ``enqueue(keys)`` stores ``keys.detach()`` in the queue's dtype;
+    ``init``: ``"empty"`` (the default; lightly's and the in-batch form's start: with
+    ``in_batch_negatives=True`` the first step uses the batch alone) or ``"random"`` (MoCo's
+    start: the queue full of random unit rows from ``torch.randn``, so that the MoCo form,
+    ``in_batch_negatives=False``, which needs negatives, runs from the first step).
+    ``negatives`` is the filled part of the queue ((min(seen, size), K), detached; with
+    ``init="empty"`` empty until the first ``enqueue``). ``enqueue(keys)`` stores ``keys.detach()``
+    in the queue's dtype (a floating dtype; under ``torch.autocast`` the losses cast the queue to
+    the features' dtype);
     under ``torch.distributed`` (``gather=True``, the default) it first gathers the keys of
     every rank in rank order (batches may differ in size), so every rank holds the same queue,
     as MoCo's ``concat_all_gather`` does. A batch larger than the queue keeps its last
@@ -187,17 +196,28 @@ class NegativeQueue(torch.nn.Module):
     ``state_dict``). No host synchronisation: positions are kept as Python ints too.
     """
 
-    def __init__(self, size, dim, *, dtype=torch.float32, device=None, gather=True):
+    def __init__(self, size, dim, *, dtype=torch.float32, device=None, gather=True, init="empty"):
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be an int >= 1, got {size!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (the queue holds features), got {dtype!r}")
+        if init not in ("empty", "random"):
+            raise ValueError(f"init must be 'empty' or 'random', got {init!r}")
         self.size, self.dim, self.gather = size, dim, gather
-        self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
+        if init == "random":
+            rows = torch.nn.functional.normalize(torch.randn(size, dim, dtype=torch.float32, device=device), dim=1)
+            self.register_buffer("queue", rows.to(dtype))
+        else:
+            self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
+        self._position, self._filled = 0, (size if init == "random" else 0)
         self.register_buffer("position", torch.zeros((), dtype=torch.int64, device=device))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))
-        self._position = self._filled = 0
+        self.register_buffer("filled", torch.full((), self._filled, dtype=torch.int64, device=device))
+
+    def extra_repr(self):
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._filled}, gather={self.gather}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
