@@ -184,7 +184,10 @@ class NegativeQueue(torch.nn.Module):
     ``init``: ``"empty"`` (the default; lightly's and the in-batch form's start: with
     ``in_batch_negatives=True`` the first step uses the batch alone) or ``"random"`` (MoCo's
     start: the queue full of random unit rows from ``torch.randn``, so that the MoCo form,
-    ``in_batch_negatives=False``, which needs negatives, runs from the first step).
+    ``in_batch_negatives=False``, which needs negatives, runs from the first step). The random
+    rows come from this process's generator: under ``torch.distributed`` seed every rank alike
+    before building the queue (or keep it in the DDP-wrapped module, whose buffers DDP
+    broadcasts from rank 0), so that the ranks start from one queue as they continue in one.
     ``negatives`` is the filled part of the queue ((min(seen, size), K), detached; with
     ``init="empty"`` empty until the first ``enqueue``). ``enqueue(keys)`` stores ``keys.detach()``
     in the queue's dtype (a floating dtype; under ``torch.autocast`` the losses cast the queue to
