@@ -13,7 +13,7 @@ import torch
 
 import sslops
 from sslops import reference as R
-from tests.utils import INTERPRET, acc_dtype, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
+from tests.utils import INTERPRET, acc_dtype, assert_compiled_matches_eager, check_against_reference, grad_floor, kernel_backends, loss_and_grads, noncontiguous, randn
 
 BACKENDS = kernel_backends("clip")
 HAS_CPU = sslops._extension.LOADED
@@ -130,12 +130,7 @@ def test_torch_compile_fullgraph_cpu():
         return kernel(a, b, logit_scale=log_t.exp(), labels=labels) + kernel(b, a, logit_scale=log_t.exp())
 
     args = [randn(21, 8, seed=1), randn(21, 8, seed=2), torch.tensor(math.log(10.0))]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, got_grads = loss_and_grads(compiled, args)
-    want, want_grads = loss_and_grads(f, args)
-    torch.testing.assert_close(got, want)
-    for x, y in zip(got_grads, want_grads):
-        torch.testing.assert_close(x, y)
+    assert_compiled_matches_eager(f, args)
 
 
 @needs_cpu

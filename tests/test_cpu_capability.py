@@ -10,6 +10,8 @@ small-τ gradient rule against the peers' formulas, and bit-identical reruns at 
 Levels this CPU lacks are skipped, saying so.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -25,8 +27,7 @@ pytestmark = pytest.mark.skipif(not _extension.LOADED or INTERPRET, reason="sslo
 
 
 def _best():
-    import os
-
+    """The level this CPU supports (SSLOPS_CPU_CAPABILITY left as it was)."""
     saved = os.environ.pop("SSLOPS_CPU_CAPABILITY", None)
     try:
         return _extension.cpu_capability()

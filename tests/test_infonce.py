@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import sslops
 from sslops import reference as R
 from sslops.ops import infonce as ops
-from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, assert_error_within, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
+from tests.utils import (INTERPRET, TOLERANCES, acc_dtype, assert_compiled_matches_eager, assert_error_within, check_against_reference, grad_floor, kernel_backends, loss_and_grads,
                          noncontiguous, randn)
 
 BACKENDS = kernel_backends("info_nce")
@@ -541,13 +541,7 @@ def test_torch_compile_fullgraph_options_cpu():
         return (kernel(z, labels, None, temperature=tau, negatives=neg, decoupled="weighted")
                 + nt_kernel(z[:18], z[18:36], temperature=tau, negatives=neg, in_batch_negatives=False))
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = [z, neg, torch.tensor(0.2)]
-    got, got_grads = loss_and_grads(compiled, args)
-    want, want_grads = loss_and_grads(f, args)
-    torch.testing.assert_close(got, want)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, [z, neg, torch.tensor(0.2)])
 
 
 @needs_cpu

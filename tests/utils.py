@@ -153,6 +153,17 @@ def loss_and_grads(fn, tensors, scale=1.7):
     return loss.detach(), grads
 
 
+def assert_compiled_matches_eager(fn, tensors):
+    """``torch.compile(fn, fullgraph=True)`` (aot_eager: no codegen, the ops' fake and autograd
+    registrations traced) gives eager's loss and every gradient on the same leaves."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, got_grads = loss_and_grads(compiled, tensors)
+    want, want_grads = loss_and_grads(fn, tensors)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 def check_against_reference(kernel_fn, reference_fn, tensors, dtype, *, grad_tol_scale=1.0, scale=1.7, grad_floor=1e-3):
     """Loss and every gradient of ``kernel_fn(*tensors)`` against ``reference_fn`` on float64 CPU copies.
 

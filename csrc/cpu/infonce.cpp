@@ -74,7 +74,7 @@
 #include <vector>
 
 #include "../no_autocast.h"
-#include "infonce_coefficients.h"
+#include "infonce_common.h"
 #include "infonce_rows.h"
 #include "parallel.h"
 
@@ -85,25 +85,7 @@ constexpr int64_t kRowBlock = 64;   // anchor (or gradient) rows per task
 constexpr int64_t kColBlock = 256;  // candidate columns per similarity tile
 constexpr double kNormEps = 1e-12;  // F.normalize's clamp of the row norm
 
-// Flags of the schema (sslops/ops/infonce.py holds the same values).
-constexpr int64_t kSigmoid = 1, kNoInBatch = 2, kDecoupled = 4, kWeighted = 8, kNoNormalize = 16, kBidir = 32;
-
-struct Mode {
-  bool sigmoid = false, weighted = false, normalize = true;
-  // an in-batch candidate j ≠ i of anchor i is in the denominator when: j ∈ P(i) ? keep_pos : keep_neg
-  bool keep_pos = true, keep_neg = true;
-  bool member_needed() const { return keep_pos != keep_neg; }
-};
-
-Mode make_mode(int64_t flags) {
-  Mode md;
-  md.sigmoid = flags & kSigmoid;
-  md.weighted = flags & kWeighted;
-  md.normalize = !(flags & kNoNormalize);
-  md.keep_pos = !(flags & kDecoupled);
-  md.keep_neg = !(flags & kNoInBatch);
-  return md;
-}
+using Mode = ContrastiveMode;  // csrc/cpu/infonce_common.h
 
 // Labels as dense int32 ids (equal labels, equal ids): a sort, O(M log M).
 at::Tensor dense_label_ids(const at::Tensor& labels) {
@@ -471,7 +453,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& y, const 
                  int64_t ys, int64_t ye, int64_t flags) {
   TORCH_CHECK(x.dim() == 2, "contrastive: x must be 2-D, got ", x.dim(), "-D");
   Prepared p;
-  p.md = make_mode(flags);
+  p.md = contrastive_mode(flags);
   p.level = cpu_capability();
   p.square = !y.has_value();
   p.bidir = (flags & kBidir) && !p.square;

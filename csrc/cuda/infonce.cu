@@ -40,7 +40,7 @@
 
 #include <limits>
 
-#include "../cpu/infonce_coefficients.h"
+#include "../cpu/infonce_common.h"
 #include "../no_autocast.h"
 #include "stream.h"
 
@@ -52,8 +52,6 @@ constexpr int kSlice = 32;    // K-slice staged in shared memory
 constexpr int kThreads = 256; // 8 threads per row, 4 columns each
 constexpr int kKOut = 256;    // K-slice of dx̂ a backward block accumulates in registers (32 per thread)
 constexpr double kNormEps = 1e-12;
-// flags of the schema (sslops/ops/infonce.py)
-constexpr int64_t kSigmoid = 1, kNoInBatch = 2, kDecoupled = 4, kWeighted = 8, kNoNormalize = 16, kBidir = 32;
 
 template <typename T> __device__ __forceinline__ T dexp(T x);
 template <> __device__ __forceinline__ float dexp<float>(float x) { return expf(x); }
@@ -81,8 +79,10 @@ __device__ __forceinline__ T row_sum(T v) {
 }
 
 // What every kernel needs to know about one call (plain values: passed by value).
-struct Mode {
-  bool sigmoid, weighted, normalize, keep_pos, keep_neg, member;
+// The schema's flags (csrc/cpu/infonce_common.h) and whether this pass walks a CSR relation for
+// membership.
+struct Mode : ContrastiveMode {
+  bool member = false;
 };
 
 template <typename scalar_t, typename acc>
@@ -437,12 +437,8 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 Mode make_mode(int64_t flags, bool member) {
   Mode md;
-  md.sigmoid = flags & kSigmoid;
-  md.weighted = flags & kWeighted;
-  md.normalize = !(flags & kNoNormalize);
-  md.keep_pos = !(flags & kDecoupled);
-  md.keep_neg = !(flags & kNoInBatch);
-  md.member = member && !md.sigmoid && md.keep_pos != md.keep_neg;
+  static_cast<ContrastiveMode&>(md) = contrastive_mode(flags);
+  md.member = member && !md.sigmoid && md.member_needed();
   return md;
 }
 

@@ -50,7 +50,7 @@ from ._first_order import first_order_only
 
 __all__ = ["info_nce_rows", "pairs_to_csr", "contrastive_fwd", "contrastive_bwd"]
 
-# flags of the custom ops (csrc/cpu/infonce.cpp holds the same values)
+# flags of the custom ops (csrc/cpu/infonce_common.h holds the same values)
 SIGMOID, NO_INBATCH, DECOUPLED, WEIGHTED, NO_NORMALIZE, BIDIR = 1, 2, 4, 8, 16, 32
 
 

@@ -1,6 +1,6 @@
-// The backward's per-row coefficients of the blockwise contrastive pass, shared by the CPU
-// (csrc/cpu/infonce.cpp) and CUDA (csrc/cuda/infonce.cu) kernels: plain ATen ops on (n,)
-// columns, the device of `opts`.
+// What the CPU (csrc/cpu/infonce.cpp) and CUDA (csrc/cuda/infonce.cu) contrastive kernels share
+// on the host: the schema's flags and what they mean, and the backward's per-row coefficients
+// (plain ATen ops on (n,) columns, on the device of `opts`).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
@@ -12,6 +12,28 @@
 #include <limits>
 
 namespace sslops {
+
+// Flags of the contrastive ops' schema (sslops/ops/infonce.py holds the same values).
+constexpr int64_t kSigmoid = 1, kNoInBatch = 2, kDecoupled = 4, kWeighted = 8, kNoNormalize = 16, kBidir = 32;
+
+// The flags as the passes use them. A plain aggregate: the CUDA kernels take it by value.
+struct ContrastiveMode {
+  bool sigmoid = false, weighted = false, normalize = true;
+  // an in-batch candidate j ≠ i of anchor i is in the denominator when: j ∈ P(i) ? keep_pos : keep_neg
+  bool keep_pos = true, keep_neg = true;
+  // the denominator depends on membership in P(i) (DECOUPLED or NO_INBATCH, not both)
+  bool member_needed() const { return keep_pos != keep_neg; }
+};
+
+inline ContrastiveMode contrastive_mode(int64_t flags) {
+  ContrastiveMode md;
+  md.sigmoid = flags & kSigmoid;
+  md.weighted = flags & kWeighted;
+  md.normalize = !(flags & kNoNormalize);
+  md.keep_pos = !(flags & kDecoupled);
+  md.keep_neg = !(flags & kNoInBatch);
+  return md;
+}
 
 // (5, n) in opts' dtype: rows a = ∂L/∂lse (∂L/∂softplus-sum for SigLIP), lse (+inf where a = 0,
 // so that exp(x − lse) vanishes), gp = ∂L/∂pos, gq = ∂L/∂pse, lo = lse's rounding residual (0
