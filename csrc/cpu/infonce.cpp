@@ -61,15 +61,12 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -144,7 +141,6 @@ void normalise_rows(const at::Tensor& x_in, bool normalize, acc* xh, acc* norm) 
     }
   });
 }
-
 
 template <typename acc>
 acc dot(const acc* a, const acc* b, int64_t k) {
