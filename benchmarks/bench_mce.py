@@ -58,22 +58,36 @@ def _ps_steps(degree, h):
     return degree // h - (1 if degree % h == 0 and degree >= h else 0)
 
 
+def _covariance_flops(n, k):
+    """The forward's covariance GEMMs on the CPU: per column panel [c0, c1) of the K features,
+    P and Xa from column c0 on and Xu whole (``column_blocks`` in csrc/cpu/matrix_info.cpp:
+    128-wide panels from K = 256, halves from K = 128, else one panel)."""
+    width = 128 if k >= 256 else ((k + 1) // 2 if k >= 128 else k)
+    return sum(2.0 * n * min(width, k - c0) * (2 * (k - c0) + k) for c0 in range(0, k, width))
+
+
 def matrix_ssl_flops(n, k, order=ORDER, need_p=True):
     """Forward + backward FLOPs of the route sslops takes on the CPU (N×K×K and K×K products only).
 
-    Forward: the covariance GEMMs on the centred rows, the upper blocks of the symmetric Sp
-    and Sz only (5NK² from K = 128, 6NK² below), then (h-1) + (n-1) K×K
-    products (h = ⌈n/2⌉: powers of the uniformity matrix, the traced chain P·Xa^j).
+    Forward: the covariance GEMMs on the centred rows, on and above the block diagonal of the
+    symmetric Sp and Sz only (4.5NK² at K = 512, see ``_covariance_flops``), then K×K
+    products (h = ⌈n/2⌉): the h-1 powers of the uniformity matrix and the traced chain
+    P·Xa^j, which from order 3 stops at j = n-2 and adds the symmetric Xa² in its place.
     Backward: two N×K×K GEMMs per input that needs a gradient, and K×K products: the
-    Paterson–Stockmeyer Horner steps of q(Xu) always, (h-1) powers of Xa and the steps of
-    f(Xa) for p, the Horner steps of R for z (order 4: 1 + 2 + 1).
+    Paterson–Stockmeyer Horner steps of q(Xu) always, the powers of Xa beyond Xa² and the
+    (symmetric) steps of f(Xa) for p, the Horner steps of R for z. A symmetric product
+    (from K = 128) computes 3/4 of a full one; order 4 counts 3.75 products forward and
+    2 (z alone) or 2.75 (both) backward.
     """
     h = (order + 1) // 2
-    fwd_gemm = 5.0 if k >= 128 else 6.0
-    fwd_products = (h - 1) + (order - 1)
-    bwd_products = _ps_steps(order - 1, h) + (order - 1) // 2 + ((h - 1) + _ps_steps(order, h) if need_p else 0)
+    sym = 0.75 if k >= 128 else 1.0
+    short_chain = order >= 3
+    fwd_products = (h - 1) + (order - 2 + sym if short_chain else order - 1)
+    bwd_products = _ps_steps(order - 1, h) + (order - 1) // 2
+    if need_p:
+        bwd_products += sym * ((h - 1) - (1 if short_chain and h >= 2 else 0) + _ps_steps(order, h))
     bwd_gemm = 4.0 * (2 if need_p else 1)
-    return (fwd_gemm + bwd_gemm) * n * k * k + 2.0 * k**3 * (fwd_products + bwd_products)
+    return _covariance_flops(n, k) + bwd_gemm * n * k * k + 2.0 * k**3 * (fwd_products + bwd_products)
 
 
 def mce_case(n, k, dtype=torch.float32, *, compile=True, note="", both=False):

@@ -122,7 +122,7 @@ def test_cpu_zero_row_is_clamped_like_f_normalize():
 
 @needs_cpu
 def test_cpu_saved_products_are_the_powers():
-    """The saved stack holds Xu^2..Xu^h then P·Xa^1..P·Xa^(n-1) (what the backward reads)."""
+    """The saved stack holds Xu^2..Xu^h, P·Xa^1..P·Xa^(n-2), then Xa² (what the backward reads)."""
     p, z = randn(30, 6, torch.float64, seed=1), randn(30, 6, torch.float64, seed=2)
     mu = 0.8
     loss, xu, pa, xa, saved = torch.ops.sslops.matrix_ssl_fwd_cxx(p, z, 1.0, mu, 1.0, 5)
@@ -135,8 +135,14 @@ def test_cpu_saved_products_are_the_powers():
     assert saved.shape == (2 + 4, 6, 6)
     torch.testing.assert_close(saved[0], xu @ xu)
     torch.testing.assert_close(saved[1], xu @ xu @ xu)
-    for j in range(1, 5):
+    for j in range(1, 4):
         torch.testing.assert_close(saved[1 + j], pa @ torch.linalg.matrix_power(xa, j))
+    torch.testing.assert_close(saved[5], xa @ xa)
+    torch.testing.assert_close(saved[5], saved[5].T, rtol=0, atol=0)
+    # order 2 keeps the full chain: [Xu^1.. none, P·Xa]
+    _, _, pa2, xa2, saved2 = torch.ops.sslops.matrix_ssl_fwd_cxx(p, z, 1.0, mu, 1.0, 2)
+    assert saved2.shape == (1, 6, 6)
+    torch.testing.assert_close(saved2[0], pa2 @ xa2)
     torch.testing.assert_close(pa, pa.T, rtol=0, atol=0)
     torch.testing.assert_close(xa, xa.T, rtol=0, atol=0)
 

@@ -9,9 +9,10 @@
 //   row_stats           one read of p and z: inverse row norms, column means of the
 //                       normalised rows (double sums per thread, merged in thread order)
 //   centred_rows        rows of W = [p̂ - mean | ẑ - mean] from the statistics
-//   ssl_fwd_cpu         W once (N×2K), then Sp, C, Sz by six row-panel GEMMs in two balanced
-//                       lines (upper half-blocks of Sp and Sz only: 5NK² flops for K ≥ 128)
-//                       written into P, Xu, Xa; W freed before the K×K stage (kk_forward)
+//   ssl_fwd_cpu         W once (N×2K), then Sp, C, Sz by row-panel GEMMs dealt to the threads
+//                       longest first (on and above the block diagonal only: 4.5NK² flops at
+//                       K = 512, see column_blocks), written into P, Xu, Xa; W freed before
+//                       the K×K stage (kk_forward)
 //   ssl_bwd_cpu         the K×K gradients (kk_backward) stacked into one 2K×2K (or 2K×K)
 //                       factor, then blocks of rows, one thread each: centred rows rebuilt,
 //                       one GEMM into a block buffer, normalisation backward into dp/dz
@@ -19,8 +20,8 @@
 //                       buffer, SIMD dots), fp64 across rows: 2K² flops, 2K² reads, no product;
 //                       trace_dot_sym for symmetric B reads both row-major
 //   lincomb             Σ c_i T_i + d·I in one pass (strided operands by 64×64 tiles)
-// Matrix-SSL per call (order n = 4, fp32, N rows, K features): forward 5NK² + 4·2K³ flops,
-// backward 8NK² + 4·2K³ (online branch z alone: 4NK² + 2·2K³). Memory beyond the inputs:
+// Matrix-SSL per call (order n = 4, fp32, N rows, K = 512 features): forward 4.5NK² + 3.75·2K³
+// flops, backward 8NK² + 2.75·2K³ (online branch z alone: 4NK² + 2·2K³). Memory beyond the inputs:
 // forward the N×2K centred rows (freed before the K×K stage) and 3 + (h-1) + (n-1) = 7 saved
 // K×K matrices; backward 2-4 K×K gradient matrices, then the 2K × 2K factor they are stacked
 // into (2K × K for one input), per thread a block of ≤ 256 rows × 4K (≤ 2 MB), and dp, dz.
@@ -38,6 +39,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "matrix_info_impl.h"
@@ -343,45 +345,61 @@ _Pragma("omp simd")
   }
 }
 
-// Column blocks of the covariance GEMMs: halves from K = 128 (the symmetric Sp and Sz skip
-// their lower off-diagonal block), else one block.
-std::vector<int64_t> column_blocks(int64_t k) { return k >= 128 ? std::vector<int64_t>{0, k / 2, k} : std::vector<int64_t>{0, k}; }
+// Column panels of the covariance GEMMs: the Gram matrix of W = [pc | zc] is wanted on and
+// above the block diagonal only (Sp and Sz are symmetric; C is the whole upper-right block),
+// so each panel of `width` columns multiplies only from its own diagonal block rightwards:
+// 4NK²·(B+1)/B flops for B panels per half instead of 6NK² for the three full products
+// (K = 512, 128-wide panels: 4.5NK²). Panels narrower than 128 columns run BLAS well below
+// its peak, so K < 256 takes halves (5NK²) and K < 128 one panel (6NK²).
+std::vector<int64_t> column_blocks(int64_t k) {
+  const int64_t width = k >= 256 ? 128 : (k >= 128 ? (k + 1) / 2 : k);
+  std::vector<int64_t> bounds;
+  for (int64_t c = 0; c < k; c += width) bounds.push_back(c);
+  bounds.push_back(k);
+  return bounds;
+}
 
 // m ← its symmetric completion: blocks below the block diagonal copied from the transposed
 // blocks above it, diagonal blocks replaced by (B + Bᵀ)/2 (exactly symmetric), then
-// diag added on the diagonal. 64×64 tiles, rows of tiles in parallel (each upper element is
-// written by the one tile pair that owns it).
+// diag added on the diagonal. Pairs of 64×64 tiles on or below the diagonal, split evenly
+// over the threads (each upper element is written by the one tile pair that owns it).
 void symmetric_completion(at::Tensor& m, const std::vector<int64_t>& blocks, double diag) {
   const int64_t k = m.size(0);
   const int64_t tiles = (k + kTile - 1) / kTile;
   std::vector<int64_t> block_of(static_cast<size_t>(k));
   for (size_t b = 0; b + 1 < blocks.size(); ++b)
     for (int64_t i = blocks[b]; i < blocks[b + 1]; ++i) block_of[i] = static_cast<int64_t>(b);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t ti = 0; ti < tiles; ++ti)
+    for (int64_t tj = 0; tj <= ti; ++tj) pairs.emplace_back(ti, tj);
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / (kTile * kTile));
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "matrix_ssl symmetric_completion", [&] {
     scalar_t* mp = m.data_ptr<scalar_t>();
     const scalar_t d = static_cast<scalar_t>(diag);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t ti = t0; ti < t1; ++ti)
-        for (int64_t tj = 0; tj <= ti; ++tj)
-          for (int64_t i = ti * kTile; i < std::min(k, (ti + 1) * kTile); ++i)
-            for (int64_t j = tj * kTile; j < std::min({k, (tj + 1) * kTile, i}); ++j) {
-              scalar_t& lower = mp[i * k + j];
-              scalar_t& upper = mp[j * k + i];
-              if (block_of[i] != block_of[j]) {
-                lower = upper;
-              } else {
-                const scalar_t v = (lower + upper) / scalar_t(2);
-                lower = upper = v;
-              }
+    at::parallel_for(0, static_cast<int64_t>(pairs.size()), grain, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t ti = pairs[q].first, tj = pairs[q].second;
+        for (int64_t i = ti * kTile; i < std::min(k, (ti + 1) * kTile); ++i) {
+          for (int64_t j = tj * kTile; j < std::min({k, (tj + 1) * kTile, i}); ++j) {
+            scalar_t& lower = mp[i * k + j];
+            scalar_t& upper = mp[j * k + i];
+            if (block_of[i] != block_of[j]) {
+              lower = upper;
+            } else {
+              const scalar_t v = (lower + upper) / scalar_t(2);
+              lower = upper = v;
             }
-      for (int64_t i = t0 * kTile; i < std::min(k, t1 * kTile); ++i) mp[i * k + i] += d;
+          }
+          if (ti == tj) mp[i * k + i] += d;
+        }
+      }
     });
   });
 }
 
 // Forward, CPU: the row statistics, W = [pc | zc] once (N × 2K), then the three covariances
-// (the upper half-blocks of the symmetric Sp and Sz only: 5NK² flops for K ≥ 128 instead of
-// 6NK²) written straight into P, Xu, Xa; W is freed before the K×K stage.
+// (on and above the block diagonal of the symmetric Sp and Sz only, see column_blocks) written
+// straight into P, Xu, Xa; W is freed before the K×K stage.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_cpu(const at::Tensor& p_in, const at::Tensor& z_in,
                                                                                      double lambd, double mu, double gamma,
                                                                                      int64_t order) {
@@ -402,35 +420,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_c
   });
   at::Tensor xu = at::empty({k, k}, opt), pa = at::empty({k, k}, opt), xa = at::empty({k, k}, opt);
   {
-    // With halves 1, 2 of the columns, six GEMMs of inner dimension N (row panels with long
-    // rows: BLAS runs them near its peak, unlike small square blocks), 5NK² flops in all:
-    //   p1ᵀp → P rows 1 (2·(K/2)·N·K), p1ᵀz → Xu rows 1, z2ᵀz2 → Xa block (2,2)     2.5NK²
-    //   p2ᵀp2 → P block (2,2), p2ᵀz → Xu rows 2, z1ᵀz → Xa rows 1                   2.5NK²
-    // On two threads each takes one line (one fork/join, single-thread BLAS); otherwise they
-    // run in turn, each on BLAS's own threads.
+    // Per column panel [c0, c1) of the K features: P rows c0..c1 from column c0 on (pc panelᵀ·pc),
+    // Xu rows c0..c1 whole (pc panelᵀ·zc), Xa rows c0..c1 from column c0 on (zc panelᵀ·zc): GEMMs
+    // of inner dimension N with long rows, which BLAS runs near its peak. With T ≥ 2 threads and
+    // at least 2T tasks, the tasks are dealt to T lines by longest-first (one fork/join, each
+    // line on one thread, single-thread BLAS); otherwise they run in turn on BLAS's own threads.
     const std::vector<int64_t> bl = column_blocks(k);
     struct Task {
       at::Tensor dst, a, b;
+      int64_t work;
     };
-    auto cols = [&](int64_t off, int64_t i) { return w.narrow(1, off + bl[i], bl[i + 1] - bl[i]); };
-    auto rows = [&](at::Tensor& m, int64_t i) { return m.narrow(0, bl[i], bl[i + 1] - bl[i]); };
     const at::Tensor pc = w.narrow(1, 0, k), zc = w.narrow(1, k, k);
     std::vector<Task> tasks;
-    if (bl.size() == 3) {
-      tasks = {{rows(pa, 0), cols(0, 0), pc}, {rows(xu, 0), cols(0, 0), zc}, {rows(xa, 1).narrow(1, bl[1], k - bl[1]), cols(k, 1), cols(k, 1)},
-               {rows(pa, 1).narrow(1, bl[1], k - bl[1]), cols(0, 1), cols(0, 1)}, {rows(xu, 1), cols(0, 1), zc}, {rows(xa, 0), cols(k, 0), zc}};
-    } else {
-      tasks = {{pa, pc, pc}, {xu, pc, zc}, {xa, zc, zc}};
+    for (size_t i = 0; i + 1 < bl.size(); ++i) {
+      const int64_t c0 = bl[i], width = bl[i + 1] - c0, rest = k - c0;
+      tasks.push_back({pa.narrow(0, c0, width).narrow(1, c0, rest), pc.narrow(1, c0, width), pc.narrow(1, c0, rest), width * rest});
+      tasks.push_back({xu.narrow(0, c0, width), pc.narrow(1, c0, width), zc, width * k});
+      tasks.push_back({xa.narrow(0, c0, width).narrow(1, c0, rest), zc.narrow(1, c0, width), zc.narrow(1, c0, rest), width * rest});
     }
     const double inv_n = 1.0 / static_cast<double>(n);
-    auto run = [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) at::addmm_out(tasks[t].dst, tasks[t].dst, tasks[t].a.t(), tasks[t].b, /*beta=*/0, /*alpha=*/inv_n);
+    auto run = [&](const Task& t) {
+      at::Tensor dst = t.dst;
+      at::addmm_out(dst, dst, t.a.t(), t.b, /*beta=*/0, /*alpha=*/inv_n);
     };
-    const int64_t ntasks = static_cast<int64_t>(tasks.size());
-    if (at::get_num_threads() == 2 && ntasks == 6) {
-      parallel_for_ops(0, ntasks, 1, run);
+    const int64_t ntasks = static_cast<int64_t>(tasks.size()), threads = at::get_num_threads();
+    if (threads >= 2 && ntasks >= 2 * threads && !at::in_parallel_region()) {
+      std::vector<std::vector<int64_t>> lines(static_cast<size_t>(threads));
+      std::vector<int64_t> load(static_cast<size_t>(threads), 0), order(static_cast<size_t>(ntasks));
+      for (int64_t t = 0; t < ntasks; ++t) order[t] = t;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return tasks[a].work > tasks[b].work; });
+      for (int64_t t : order) {
+        const auto least = std::min_element(load.begin(), load.end()) - load.begin();
+        lines[least].push_back(t);
+        load[least] += tasks[t].work;
+      }
+      parallel_for_ops(0, threads, 1, [&](int64_t l0, int64_t l1) {
+        for (int64_t l = l0; l < l1; ++l)
+          for (int64_t t : lines[l]) run(tasks[t]);
+      });
     } else {
-      run(0, ntasks);
+      for (const Task& t : tasks) run(t);
     }
     tasks.clear();
     w.reset();

@@ -16,22 +16,28 @@
 //   pc, zc = centred normalised rows;  C = pcᵀzc/N, Sp = pcᵀpc/N, Sz = zcᵀzc/N
 //   Xu = C + (μ-1)I,  P = Sp + μI,  Xa = Sz + (μ-1)I
 //   U = -λ Σ_k c_k tr(Xu^k),      tr(Xu^k) = tr(Xu^a Xu^b), a = ceil(k/2), b = k - a
-//   A = -Σ_k c_k tr(P Xa^k),      A_j = P Xa^j (chain), tr(P Xa^k) = tr(A_{k-1} Xa)
+//   A = -Σ_k c_k tr(P Xa^k),      A_j = P Xa^j (chain), tr(P Xa^k) = tr(A_{k-1} Xa);
+//       from order 3 the chain stops at A_{n-2} and Xa² (symmetric, 3/4 of a product) replaces
+//       A_{n-1}: tr(P Xa^n) = tr(A_{n-2} Xa²)
 //   loss = U + γA
 // Gradients (never through the chain):
 //   dU/dXu = -λ q(Xu)ᵀ,  q(X) = Σ_{j<n} (-1)^j X^j        (Paterson–Stockmeyer with X^h)
 //   dA/dP  = -f(Xa),     f(X) = Σ_k c_k X^k                (Xa, P symmetric)
 //   dA/dXa = -Σ_k c_k Σ_{j+l=k-1} X^j P X^l = -(R + Rᵀ),  R = Σ_{j≤(n-1)/2} Xa^j D_j,
-//            D_j = ½c_{2j+1} A_j + Σ_{l=j+1}^{n-1-j} c_{j+l+1} A_l       (Horner in Xa)
+//            D_j = ½c_{2j+1} A_j + Σ_{l=j+1}^{n-1-j} c_{j+l+1} A_l       (Horner in Xa);
+//            from order 3 D_0's c_n A_{n-1} is replaced by c_n A_{n-2}ᵀ in D_1 (Xa·A_{n-2}ᵀ =
+//            Xa^{n-1}P is the transpose of A_{n-1}, and only R + Rᵀ is used)
 //   [dpc | dzc] = [pc | zc] · [[2 dSp, dC], [dCᵀ, 2 dSz]] / N
 //   dp = (dp̂ - p̂ (p̂·dp̂)) / ‖p‖ row-wise (dp̂ = dpc: J is the identity on centred columns)
 //
 // Saved by the forward: Xu, P, Xa (Sp, Sz exactly symmetric) and the products it made
-// (Xu^2..Xu^h, A_1..A_{n-1}); rows are recomputed in the backward. K×K products, order 4:
-// forward 1 (Xu²) + 3 (chain); backward 1 (q) always, + 2 (Xa², f) when p needs a
-// gradient, + 1 (R) when z does: 8 in all with both, 6 for the online branch z alone (the
-// training case: p is a detached teacher output). GEMMs N×K×K: forward 5NK² (half-block
-// symmetric Sp, Sz; 6NK² for K < 128), backward 4NK² per input that needs a gradient.
+// (Xu^2..Xu^h, A_1..A_{n-2}, Xa²; A_1..A_{n-1} below order 3); rows are recomputed in the
+// backward. K×K products, order 4 (a symmetric one, Dev::gemm_sym, counted as 3/4): forward
+// 1 (Xu²) + 2 (A_1, A_2) + 3/4 (Xa²); backward 1 (q) always, + 3/4 (f's Horner step) when p
+// needs a gradient, + 1 (R) when z does: 6.5 in all with both, 5.75 for the online branch z
+// alone (the training case: p is a detached teacher output). GEMMs N×K×K: the forward's
+// covariances on and above the block diagonal only (CPU: 4.5NK² at K = 512, see
+// column_blocks in matrix_info.cpp; CUDA: 5NK²), backward 4NK² per input that needs a gradient.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -118,8 +124,15 @@ at::Tensor poly(const std::vector<at::Tensor>& pw, const std::vector<double>& a,
   return acc;
 }
 
+// The alignment's saved products (order n ≥ 3, the "short chain"): A_1..A_{n-2} = P·Xa^j and
+// Xa² (symmetric: Dev::gemm_sym, 3/4 of a product), which stands in for A_{n-1}:
+// tr(P Xa^n) = tr(A_{n-2} Xa²), and the backward's A_{n-1} term is moved into its Horner step
+// (see kk_backward). Order ≤ 2 keeps the full chain A_1..A_{n-1}.
+inline bool short_chain(int64_t order) { return order >= 3; }
+
 // K×K stage of the forward, shared by every device: the loss from Xu, P, Xa, and the
-// products it makes written into `saved` = [Xu^2..Xu^h, A_1..A_{n-1}] (A_j = P·Xa^j).
+// products it makes written into `saved` = [Xu^2..Xu^h, A_1..A_{n-2}, Xa²] (A_j = P·Xa^j;
+// [Xu^2..Xu^h, A_1..A_{n-1}] for order ≤ 2).
 template <class Dev>
 at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa, const at::Tensor& saved, double lambd,
                       double gamma, int64_t order) {
@@ -136,14 +149,21 @@ at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tens
     at::Tensor t = b == 0 ? Dev::trace(pu[a - 1]) : Dev::trace_dot(pu[a - 1], pu[b - 1]);
     loss.add_(t, -lambd * taylor_coeff(kk));
   }
+  const bool shortc = short_chain(order);
+  const int64_t chain_end = shortc ? order - 1 : order;  // A_j made for kk = j + 1 < chain_end + 1
   at::Tensor prev = pa;
-  for (int64_t kk = 1; kk <= order; ++kk) {
+  for (int64_t kk = 1; kk <= chain_end; ++kk) {
     if (kk > 1) {
       at::Tensor dst = saved[h - 1 + kk - 2];
       Dev::gemm(dst, prev, xa, 0.0);
       prev = dst;
     }
     loss.add_(Dev::trace_dot_sym(prev, xa), -gamma * taylor_coeff(kk));  // Xa symmetric: Σ A_ij Xa_ij
+  }
+  if (shortc) {  // tr(P Xa^n) = Σ A_{n-2} ∘ Xa² (Xa² symmetric)
+    at::Tensor xa2 = saved[saved.size(0) - 1];
+    Dev::gemm_sym(xa2, xa, xa, 0.0);
+    loss.add_(Dev::trace_dot_sym(prev, xa2), -gamma * taylor_coeff(order));
   }
   return loss;
 }
@@ -180,6 +200,10 @@ KKGrads kk_backward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor
   if (need_p) {
     std::vector<at::Tensor> pa_pw{xa};
     for (int64_t i = 2; i <= h; ++i) {
+      if (i == 2 && short_chain(order)) {  // Xa², saved by the forward
+        pa_pw.push_back(saved[saved.size(0) - 1]);
+        continue;
+      }
       at::Tensor next = at::empty({k, k}, xa.options());
       Dev::gemm_sym(next, pa_pw.back(), xa, 0.0);
       pa_pw.push_back(next);
@@ -188,14 +212,19 @@ KKGrads kk_backward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor
     for (int64_t kk = 1; kk <= order; ++kk) fa[kk] = taylor_coeff(kk) * to.s_f;
     out.f = poly<Dev>(pa_pw, fa, to.f, /*symmetric=*/true);
   }
-  // R = Σ_j Xa^j D_j (Horner: one GEMM with beta = 1 per step)
+  // R = Σ_j Xa^j D_j (Horner: one GEMM with beta = 1 per step). With the short chain (no
+  // A_{n-1}), D_0's term c_n·A_{n-1} = c_n·P Xa^{n-1} becomes c_n·A_{n-2}ᵀ in D_1: Xa·A_{n-2}ᵀ =
+  // Xa^{n-1} P, its transpose, and only R + Rᵀ is used.
   if (need_z) {
+    const bool shortc = short_chain(order);
     std::vector<at::Tensor> chain{pa};
-    for (int64_t l = 1; l < order; ++l) chain.push_back(saved[h - 1 + l - 1]);
+    for (int64_t l = 1; l < (shortc ? order - 1 : order); ++l) chain.push_back(saved[h - 1 + l - 1]);
     const int64_t jmax = (order - 1) / 2;
     for (int64_t j = jmax; j >= 0; --j) {
       std::vector<Term> terms{{0.5 * taylor_coeff(2 * j + 1), chain[j]}};
-      for (int64_t l = j + 1; l <= order - 1 - j; ++l) terms.push_back({taylor_coeff(j + l + 1), chain[l]});
+      for (int64_t l = j + 1; l <= order - 1 - j; ++l)
+        if (!(shortc && l == order - 1)) terms.push_back({taylor_coeff(j + l + 1), chain[l]});
+      if (shortc && j == 1) terms.push_back({taylor_coeff(order), chain[order - 2].t()});
       at::Tensor dj = combine<Dev>(terms, 0.0, k, xu.options());
       if (j < jmax) Dev::gemm(dj, xa, out.r, 1.0);
       out.r = dj;

@@ -12,7 +12,7 @@
 //   normalize_backward_kernel  one block per row: dx = g·(G - x̂(x̂·G)) / ‖x‖, g read on the device
 // Matrix cross-entropy (mce_forward/mce_backward of the same header) uses trace_dot_kernel for
 // tr(A_{k-1}·X) and ATen for the rest: order 4 is 3 K×K products forward, 5 backward.
-// Matrix-SSL per call, order 4: forward 5NK² + 8K³ flops (6NK² for K < 128), backward 8NK² + 8K³; traffic beyond the
+// Matrix-SSL per call, order 4: forward 5NK² + 8K³ flops (6NK² for K < 128), backward 8NK² + 6K³; traffic beyond the
 // GEMMs ~ 3 passes over N×K and 2K² per trace. Not yet run on a GPU (cuda_verified=False).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>

@@ -12,9 +12,10 @@ c_k = (-1)^{k+1}/k, n = ``order``:
 
 p is the target branch (a teacher's output, detached in training), z the online branch.
 Only traces of powers are needed, never log Q: tr(X^k) = Σ (X^a ∘ (X^b)ᵀ) with a + b = k,
-and tr(P X^k) = Σ (A_{k-1} ∘ X_aᵀ) along the chain A_j = A_{j-1} X_a. Order 4 takes four K×K
-products in the forward (one for X_u², three for the chain, each traced in its epilogue) and
-in the backward four when both inputs need a gradient, two when only z does; the backward
+and tr(P X^k) = Σ (A_{k-1} ∘ X_aᵀ) along the chain A_j = A_{j-1} X_a. Order 4 takes, with the
+C++ kernels, four K×K products in the forward (X_u², A_1, A_2 and the symmetric X_a², which
+stands in for A_3: tr(P X_a⁴) = Σ A_2 ∘ X_a²; the Triton kernels run the chain to A_3) and in
+the backward three when both inputs need a gradient, two when only z does; the backward
 uses the power-sum formula d tr(P X^k)/dX = Σ_j (X^j)ᵀ Pᵀ (X^{k-1-j})ᵀ regrouped by Horner's
 rule (see ``csrc/cpu/matrix_info_impl.h``), not autograd through the chain. The covariances
 come from one pass over the rows (normalise, centre) and block GEMMs, their gradients from
@@ -24,8 +25,8 @@ Ops:
 
 * ``sslops::matrix_info_ssl_forward(p, z, lambd, mu, gamma, order, backend)`` →
   (loss, Xu, P, Xa, saved): loss fp32 (fp64 for fp64); X_u, P, X_a as above (Sp, Sz
-  symmetrised), and the products the forward made, stacked ((h-1)+(n-1), K, K), h = ⌈n/2⌉, all saved
-  for the backward (small: K×K, while the N×K normalised rows are recomputed).
+  symmetrised), and the products the forward made, stacked ((h-1)+(n-1), K, K), h = ⌈n/2⌉ (the
+  kernel's own layout, read only by the same backend's backward), all saved for the backward (small: K×K, while the N×K normalised rows are recomputed).
 * ``sslops::matrix_info_ssl_backward(grad, p, z, Xu, P, Xa, saved, ..., need_p, need_z)`` →
   (dp, dz) in the inputs' dtype; a gradient that is not needed comes back as an empty (0,)
   tensor (no N×K of zeros: in training only z needs one).
