@@ -13,9 +13,9 @@
 //                       longest first (on and above the block diagonal only: 4.5NK² flops at
 //                       K = 512, see column_blocks), written into P, Xu, Xa; W freed before
 //                       the K×K stage (kk_forward)
-//   ssl_bwd_cpu         the K×K gradients (kk_backward) stacked into one 2K×2K (or 2K×K)
-//                       factor, then blocks of rows, one thread each: centred rows rebuilt,
-//                       one GEMM into a block buffer, normalisation backward into dp/dz
+//   ssl_bwd_cpu         the K×K gradients (kk_backward), scaled, then blocks of rows, one
+//                       thread each: centred rows rebuilt, GEMMs of inner dimension 2K into a
+//                       block buffer, normalisation backward into dp/dz
 //   trace_dot(A, B)     Σ_ij A_ij B_ji over 64×64 tiles (B's tile transposed into a local
 //                       buffer, SIMD dots), fp64 across rows: 2K² flops, 2K² reads, no product;
 //                       trace_dot_sym for symmetric B reads both row-major
@@ -23,8 +23,8 @@
 // Matrix-SSL per call (order n = 4, fp32, N rows, K = 512 features): forward 4.5NK² + 3.75·2K³
 // flops, backward 8NK² + 2.75·2K³ (online branch z alone: 4NK² + 2·2K³). Memory beyond the inputs:
 // forward the N×2K centred rows (freed before the K×K stage) and 3 + (h-1) + (n-1) = 7 saved
-// K×K matrices; backward 2-4 K×K gradient matrices, then the 2K × 2K factor they are stacked
-// into (2K × K for one input), per thread a block of ≤ 256 rows × 4K (≤ 2 MB), and dp, dz.
+// K×K matrices; backward 2-4 K×K gradient matrices (R freed once R + Rᵀ is formed), per
+// thread a block of ≤ 256 rows × 3K (≤ 2 MB), and dp, dz.
 // Matrix cross-entropy (mce_forward/mce_backward in matrix_info_impl.h) reuses gemm,
 // trace_dot, trace and lincomb: forward (n-1)·2K³ flops + n trace_dots (2K² each), backward
 // (h-1 + PS products)·2K³ for p and (n-1)·2K³ for q plus ~n²/2 K² lincomb reads; saved
@@ -472,13 +472,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssl_fwd_c
   return {loss, xu, pa, xa, saved};
 }
 
-// Backward, CPU. The K×K gradients (matrix_info::kk_backward), scaled and stacked into one
-// right factor M (su = -λg/N, sa = -2γg/N; one column half per input that needs a gradient):
-//   [dpc | dzc] = [pc | zc] · M,   M = [[sa·f, su·qᵀ], [su·q, sa·(R + Rᵀ)]]   (2K × 2K, or 2K × K)
+// Backward, CPU. The K×K gradients (matrix_info::kk_backward), scaled (su = -λg/N, sa = -2γg/N):
+//   dpc = [pc | zc] · [sa·f; su·q],   dzc = pc · (su·q)ᵀ + zc · sa·(R + Rᵀ)
 // then one parallel pass over blocks of rows, each block on one thread: its centred rows
-// rebuilt from the row statistics (recomputed: one read of p and z), one single-thread GEMM
-// of inner dimension 2K into a block buffer, and the normalisation backward written straight
-// into dp, dz. No N×2K buffer and no synchronisation between the blocks.
+// rebuilt from the row statistics (recomputed: one read of p and z), single-thread GEMMs
+// into a block buffer (inner dimension 2K per input), and the normalisation backward written
+// straight into dp, dz. No N×2K buffer and no synchronisation between the blocks.
 std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at::Tensor& p_in, const at::Tensor& z_in,
                                                const at::Tensor& xu, const at::Tensor& pa, const at::Tensor& xa,
                                                const at::Tensor& saved, double lambd, double mu, double gamma, int64_t order,
@@ -493,48 +492,49 @@ std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at:
   if (!need_p && !need_z) return {dp, dz};
   const double g = grad.to(at::kDouble).item<double>();  // a CPU scalar: no device sync
   const auto opt = xu.options();
-  at::Tensor right = at::empty({2 * k, (need_p && need_z ? 2 : 1) * k}, opt);
+  // q and f are written by their last Horner step straight into their places, scaled:
+  //   left = [sa·f; su·q] (2K × K) when p needs a gradient, else su·q alone (K × K);
+  //   sym = sa·(R + Rᵀ) when z does. BLAS reads qᵀ as a transposed operand: no transpose pass.
+  const double su = -lambd * g / static_cast<double>(n), sa = -2.0 * gamma * g / static_cast<double>(n);
+  at::Tensor left = at::empty({need_p ? 2 * k : k, k}, opt), sym;
+  const at::Tensor qs = need_p ? left.narrow(0, k, k) : left;  // su·q
   {
-    // q and f are written by their last Horner step straight into their blocks of M, scaled
-    const double su = -lambd * g / static_cast<double>(n), sa = -2.0 * gamma * g / static_cast<double>(n);
-    const int64_t zcol = need_p ? k : 0;
     matrix_info::KKTargets to;
     to.s_q = su;
     to.s_f = sa;
-    if (need_p) {
-      to.q = right.narrow(0, k, k).narrow(1, 0, k);  // su·q
-      to.f = right.narrow(0, 0, k).narrow(1, 0, k);  // sa·f
-    } else {
-      to.q = right.narrow(0, 0, k).narrow(1, zcol, k);  // su·qᵀ
-      to.q_transposed = true;
-    }
+    to.q = qs;
+    if (need_p) to.f = left.narrow(0, 0, k);
     const matrix_info::KKGrads kk = matrix_info::kk_backward<CpuDev>(xu, pa, xa, saved, order, need_p, need_z, to);
     if (need_z) {
-      if (need_p) CpuDev::lincomb(right.narrow(0, 0, k).narrow(1, zcol, k), {{1.0, to.q.t()}}, 0.0);  // su·qᵀ
-      CpuDev::lincomb(right.narrow(0, k, k).narrow(1, zcol, k), {{sa, kk.r}, {sa, kk.r.t()}}, 0.0);  // sa·(R + Rᵀ)
+      sym = at::empty({k, k}, opt);
+      CpuDev::lincomb(sym, {{sa, kk.r}, {sa, kk.r.t()}}, 0.0);
     }
-  }  // R freed: M holds all the backward needs
-  const int64_t width = right.size(1);
-  // rows per block: up to 256 (BLAS re-packs M for every block: from 256 rows that costs little;
-  // at 64 rows the GEMM ran 40% slower, measured), at most N/(2·threads) so every thread gets
-  // blocks, buffers (rows × (2K + width) fp32) within 2 MB per thread; at least 16
-  const int64_t rows = std::max<int64_t>(
-      16, std::min<int64_t>({256, n / (2 * at::get_num_threads()), (int64_t(1) << 19) / std::max<int64_t>(1, 2 * k + width)}));
+  }  // R freed: left and sym hold all the backward needs
+  // rows per block: up to 256 (BLAS re-packs its operands for every block: from 256 rows that
+  // costs little; at 64 rows the GEMM ran 40% slower, measured), at most N/(2·threads) so every
+  // thread gets blocks, buffers (rows × 4K fp32) within 2 MB per thread; at least 16
+  const int64_t rows =
+      std::max<int64_t>(16, std::min<int64_t>({256, n / (2 * at::get_num_threads()), (int64_t(1) << 19) / std::max<int64_t>(1, 3 * k)}));
   const int64_t blocks = (n + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "matrix_ssl rows_backward", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t *pp = p.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
     const RowStats<acc> st = row_stats<scalar_t, acc>(pp, zp, n, k);
     parallel_for_ops(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor wb = at::empty({rows, 2 * k}, opt), gb = at::empty({rows, width}, opt);
+      at::Tensor wb = at::empty({rows, 2 * k}, opt), gb = at::empty({rows, k}, opt);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * rows, m = std::min(rows, n - r0);
-        at::Tensor gv = gb.narrow(0, 0, m);
+        at::Tensor w = wb.narrow(0, 0, m), gv = gb.narrow(0, 0, m);
         centred_rows<scalar_t, acc>(pp, zp, n, k, st, r0, m, wb.data_ptr<acc>());
-        at::mm_out(gv, wb.narrow(0, 0, m), right);
-        const acc* gp = gb.data_ptr<acc>();
-        if (need_p) normalize_backward_rows<scalar_t, acc>(pp, gp, width, dp.data_ptr<scalar_t>(), k, r0, m);
-        if (need_z) normalize_backward_rows<scalar_t, acc>(zp, gp + (need_p ? k : 0), width, dz.data_ptr<scalar_t>(), k, r0, m);
+        if (need_p) {  // dpc = [pc | zc]·[sa·f; su·q]
+          at::mm_out(gv, w, left);
+          normalize_backward_rows<scalar_t, acc>(pp, gb.data_ptr<acc>(), k, dp.data_ptr<scalar_t>(), k, r0, m);
+        }
+        if (need_z) {  // dzc = pc·(su·q)ᵀ + zc·sa·(R + Rᵀ)
+          at::mm_out(gv, w.narrow(1, 0, k), qs.t());
+          at::addmm_out(gv, gv, w.narrow(1, k, k), sym, /*beta=*/1, /*alpha=*/1);
+          normalize_backward_rows<scalar_t, acc>(zp, gb.data_ptr<acc>(), k, dz.data_ptr<scalar_t>(), k, r0, m);
+        }
       }
     });
   });

@@ -172,15 +172,14 @@ at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tens
 // dU/dXu = -λ·qᵀ, dA/dP = -f and dA/dXa = -(R + Rᵀ) (q always; f when p needs a gradient,
 // R when z does; the others undefined). Each caller folds -λ, -2γ, 1/N and the incoming
 // gradient into its next pass, or asks for them here: `to` gives optional destinations
-// (K×K views) and scales for q (or qᵀ) and f, written there without another pass.
+// (K×K views) and scales for q and f, written there without another pass.
 struct KKGrads {
   at::Tensor q, f, r;
 };
 
 struct KKTargets {
-  at::Tensor q, f;     // where s_q·q (s_q·qᵀ with q_transposed) and s_f·f go; undefined: new matrices
+  at::Tensor q, f;  // where s_q·q and s_f·f go; undefined: new matrices
   double s_q = 1.0, s_f = 1.0;
-  bool q_transposed = false;
 };
 
 template <class Dev>
@@ -188,11 +187,9 @@ KKGrads kk_backward(const at::Tensor& xu, const at::Tensor& pa, const at::Tensor
                     bool need_p, bool need_z, const KKTargets& to = KKTargets()) {
   const int64_t k = xu.size(0), h = half_order(order);
   KKGrads out;
-  // q(Xu) = Σ_{j<n} (-1)^j Xu^j; q(Xuᵀ) = q(Xu)ᵀ from the transposed powers
+  // q(Xu) = Σ_{j<n} (-1)^j Xu^j
   std::vector<at::Tensor> pu{xu};
   for (int64_t i = 2; i <= h; ++i) pu.push_back(saved[i - 2]);
-  if (to.q_transposed)
-    for (auto& t : pu) t = t.t();
   std::vector<double> qa(order);
   for (int64_t j = 0; j < order; ++j) qa[j] = (j % 2 ? -1.0 : 1.0) * to.s_q;
   out.q = poly<Dev>(pu, qa, to.q);
