@@ -25,7 +25,8 @@ Providers per case (forward + backward, fp32):
 
 Sizes: a quick CPU set (the CPU target N=1024, K=512 fp32, online branch only and both
 inputs, the target being ≥3.5× faster than ``released`` with the C++ backend on 2 threads
-on a quiet machine, and K = 128, 256, 512 at N = 1024 for the "vs K" plot); ``--full``
+on a quiet machine, at or above the FLOP ratio there: 3.65× with z alone, 3.53× with both,
+see ``matrix_ssl_flops``; and K = 128, 256, 512 at N = 1024 for the "vs K" plot); ``--full``
 (default on CUDA): K from 256 to 8192 at N = 4096 and N from 512 to 16384 at K = 1024, plus
 the GPU target N=4096, K=2048 (≥3× released, ≥1.5× naive, ≥20× eigh).
 
