@@ -512,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor> ssl_bwd_cpu(const at::Tensor& grad, const at:
   }  // R freed: left and sym hold all the backward needs
   // rows per block: up to 256 (BLAS re-packs its operands for every block: from 256 rows that
   // costs little; at 64 rows the GEMM ran 40% slower, measured), at most N/(2·threads) so every
-  // thread gets blocks, buffers (rows × 4K fp32) within 2 MB per thread; at least 16
+  // thread gets blocks, buffers (rows × 3K fp32) within 2 MB per thread; at least 16
   const int64_t rows =
       std::max<int64_t>(16, std::min<int64_t>({256, n / (2 * at::get_num_threads()), (int64_t(1) << 19) / std::max<int64_t>(1, 3 * k)}));
   const int64_t blocks = (n + rows - 1) / rows;

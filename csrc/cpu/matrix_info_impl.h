@@ -150,7 +150,7 @@ at::Tensor kk_forward(const at::Tensor& xu, const at::Tensor& pa, const at::Tens
     loss.add_(t, -lambd * taylor_coeff(kk));
   }
   const bool shortc = short_chain(order);
-  const int64_t chain_end = shortc ? order - 1 : order;  // A_j made for kk = j + 1 < chain_end + 1
+  const int64_t chain_end = shortc ? order - 1 : order;  // tr(P Xa^kk) along the chain up to here
   at::Tensor prev = pa;
   for (int64_t kk = 1; kk <= chain_end; ++kk) {
     if (kk > 1) {

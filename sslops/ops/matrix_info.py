@@ -25,8 +25,9 @@ Ops:
 
 * ``sslops::matrix_info_ssl_forward(p, z, lambd, mu, gamma, order, backend)`` →
   (loss, Xu, P, Xa, saved): loss fp32 (fp64 for fp64); X_u, P, X_a as above (Sp, Sz
-  symmetrised), and the products the forward made, stacked ((h-1)+(n-1), K, K), h = ⌈n/2⌉ (the
-  kernel's own layout, read only by the same backend's backward), all saved for the backward (small: K×K, while the N×K normalised rows are recomputed).
+  symmetrised), and the products the forward made, stacked ((h-1)+(n-1), K, K), h = ⌈n/2⌉
+  (each backend's own layout, read only by its own backward), all saved for the backward
+  (small: K×K, while the N×K normalised rows are recomputed).
 * ``sslops::matrix_info_ssl_backward(grad, p, z, Xu, P, Xa, saved, ..., need_p, need_z)`` →
   (dp, dz) in the inputs' dtype; a gradient that is not needed comes back as an empty (0,)
   tensor (no N×K of zeros: in training only z needs one).
