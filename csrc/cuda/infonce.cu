@@ -604,14 +604,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
   at::Tensor dneg = at::empty({need_neg ? p.nq : 0, k}, p.x.options());
   const at::Tensor cx = contrastive_coefficients(grad_x, diff_x, aux_x, p.nx, xs, xe, p.md.sigmoid, opts);
   if (p.square) {
-    const at::Tensor cc = at::cat({cx, contrastive_coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts)}, 1);
+    // the queue's rows are never anchors: zero coefficients (lse +inf), made once
+    const at::Tensor cq = contrastive_coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts);
+    const at::Tensor cc = at::cat({cx, cq}, 1);
     if (need_x)
       backward_rows(p, p.x, p.norm_x, p.lab_x, cx, p.cand, p.norm_c, p.lab_c, cc, p.nx, xs, xe, xs, xe, true, false, true,
                     sigma, dx);
     if (need_neg && p.nq) {
       const at::Tensor q = p.cand.narrow(0, p.nx, p.nq), norm_q = p.norm_c.narrow(0, p.nx, p.nq);
-      const at::Tensor empty = contrastive_coefficients(grad_x, diff_x, aux_x, p.nq, 0, 0, p.md.sigmoid, opts);
-      backward_rows(p, q, norm_q, at::Tensor(), empty, p.x, p.norm_x, at::Tensor(), cx, p.nx, 0, 0, xs, xe, false, true, false,
+      backward_rows(p, q, norm_q, at::Tensor(), cq, p.x, p.norm_x, at::Tensor(), cx, p.nx, 0, 0, xs, xe, false, true, false,
                     sigma, dneg);
     }
     return {dx, dy, dneg};
